@@ -1,0 +1,58 @@
+# Two commands for a newcomer: `make run` serves the default model, `make test` checks everything.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+
+MODEL      := models/SmolLM2-135M-Instruct-Q4_1.gguf
+RUN_DIR    := .edgelm
+SOCKET     := $(RUN_DIR)/agent.sock
+HTTP       := 127.0.0.1:8470
+
+.PHONY: install model run test lint typecheck pytest bench fixtures clean
+
+install: $(STAMP)
+
+# llama-cpp-python builds from source the first time (about 9 minutes on 2 cores);
+# pip's wheel cache makes later installs take seconds.
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	CMAKE_ARGS="$${CMAKE_ARGS:--DGGML_NATIVE=OFF}" $(PY) -m pip install -e '.[llama,onnx,control,dev]'
+	touch $@
+
+model: $(MODEL)
+
+$(MODEL): | $(STAMP)
+	$(PY) scripts/fetch_default_model.py $@
+
+run: install model
+	mkdir -p $(RUN_DIR)
+	$(BIN)/edgelm agent run --model $(MODEL) --state-dir $(RUN_DIR)/state \
+		--socket $(SOCKET) --http $(HTTP)
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: install
+	$(BIN)/mypy agent cli control-plane protocol provisioning tests bench scripts
+
+pytest: install
+	$(BIN)/pytest
+
+test: lint typecheck pytest
+
+bench: install model
+	$(PY) -m pip install --quiet -e '.[bench]'
+	$(PY) bench/serving.py --model $(MODEL)
+	$(PY) bench/registry.py --model $(MODEL)
+	$(PY) bench/jobs.py
+
+# Regenerating the committed test models needs torch; see tests/fixtures/*.py.
+fixtures:
+	@echo "See tests/fixtures/make_tiny_gguf.py and tests/fixtures/make_tiny_onnx.py"
+
+clean:
+	rm -rf $(VENV) $(RUN_DIR) .mypy_cache .ruff_cache .pytest_cache

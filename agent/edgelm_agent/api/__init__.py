@@ -1,0 +1,1 @@
+"""The local API: one aiohttp application served on the Unix socket and on loopback HTTP."""

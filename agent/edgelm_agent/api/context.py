@@ -1,0 +1,37 @@
+"""What the handlers need, built by the composition root and stored on the application."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+
+from edgelm_agent.api.access import HttpAccessPolicy
+from edgelm_agent.metrics import AgentMetrics
+from edgelm_agent.model_manager import ModelManager
+from edgelm_agent.serving import ModelHost
+
+
+@dataclass(frozen=True)
+class ApiContext:
+    host: ModelHost
+    metrics: AgentMetrics
+    max_body_bytes: int
+    #: Applied to requests that arrive over TCP; ``None`` when HTTP is disabled.
+    http_policy: HttpAccessPolicy | None
+    #: Activation and registry changes; ``None`` in tests that serve a bare model.
+    models: ModelManager | None = None
+    #: Handler tasks still running; the daemon gives them the grace period at shutdown.
+    inflight: set[asyncio.Task[Any]] = field(default_factory=set)
+
+
+API_CONTEXT = web.AppKey("api_context", ApiContext)
+
+# What the middleware records about each request, for handlers and for its log line.
+REQUEST_ID = web.RequestKey("request_id", str)
+STARTED = web.RequestKey("started", float)  # time.perf_counter() at arrival
+LOG_FACTS = web.RequestKey("log_facts", dict[str, Any])
+#: Set once a handler has sent headers; the middleware must never send a second response.
+PREPARED_RESPONSE = web.RequestKey("prepared_response", web.StreamResponse)

@@ -1,0 +1,56 @@
+"""Liveness, readiness and Prometheus metrics."""
+
+from __future__ import annotations
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from edgelm_agent.api.context import API_CONTEXT
+
+
+async def healthz(request: web.Request) -> web.Response:
+    """Alive: the event loop answers. Says nothing about the model."""
+    return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    """Ready: a model is loaded, answered its warm-up, is not failing request after request,
+    and we are not shutting down."""
+    host = request.app[API_CONTEXT].host
+    active = host.active
+    if host.draining:
+        return web.json_response({"status": "draining"}, status=503)
+    if active is None:
+        return web.json_response({"status": "loading"}, status=503)
+    if active.health.degraded:
+        return web.json_response(
+            {
+                "status": "degraded",
+                "model": active.model_id,
+                "consecutive_failures": active.health.count,
+            },
+            status=503,
+        )
+    return web.json_response(
+        {
+            "status": "ready",
+            "model": active.model_id,
+            "queue_depth": active.scheduler.queue_depth,
+            "busy": active.scheduler.busy,
+        }
+    )
+
+
+async def metrics(request: web.Request) -> web.Response:
+    ctx = request.app[API_CONTEXT]
+    active = ctx.host.active
+    ctx.metrics.queue_depth.set(active.scheduler.queue_depth if active else 0)
+    return web.Response(
+        body=ctx.metrics.exposition(), headers={"Content-Type": CONTENT_TYPE_LATEST}
+    )
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics)

@@ -1,0 +1,168 @@
+"""``/v1/jobs``: durable asynchronous generation jobs.
+
+``POST /v1/jobs`` answers 202 once the job is on disk (fsynced): from then on it survives
+crashes and power cuts, and runs when the model is free.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import web
+
+from edgelm_agent.api.openai_routes import read_json
+from edgelm_agent.api.openai_schema import parse_chat, parse_completion
+from edgelm_agent.errors import InvalidRequest, NotReady
+from edgelm_agent.jobs import outbox, store
+from edgelm_agent.jobs.database import Database
+from edgelm_agent.jobs.outbox import OutboxLimits
+from edgelm_agent.jobs.worker import JobWorker
+
+MAX_METADATA_BYTES = 16 << 10
+MAX_KEY_CHARS = 128
+MAX_LIST = 500
+
+
+@dataclass(frozen=True)
+class JobsContext:
+    db: Database
+    worker: JobWorker
+    outbox_limits: OutboxLimits
+
+
+JOBS = web.AppKey("jobs", JobsContext)
+
+
+def _jobs(request: web.Request) -> JobsContext:
+    jobs = request.app.get(JOBS)
+    if jobs is None:
+        raise NotReady("this agent has no job queue", retry_after_s=60)
+    return jobs
+
+
+def parse_job(body: dict[str, Any], now: float) -> store.JobSpec:
+    """Validate a submission; every fault names its field."""
+    request = body.get("request")
+    if not isinstance(request, dict):
+        raise InvalidRequest(
+            "'request' must be a chat or completion request object", param="request"
+        )
+    if request.get("stream"):
+        raise InvalidRequest("jobs cannot stream; leave 'stream' out", param="request.stream")
+    kind = "chat" if "messages" in request else "completion"
+    (parse_chat if kind == "chat" else parse_completion)(request)  # 400 now, not at run time
+    priority = body.get("priority", 0)
+    if isinstance(priority, bool) or not isinstance(priority, int) or not -100 <= priority <= 100:
+        raise InvalidRequest("'priority' must be an integer from -100 to 100", param="priority")
+    deadline = _deadline(body, now)
+    key = body.get("idempotency_key")
+    if key is not None and (not isinstance(key, str) or not 0 < len(key) <= MAX_KEY_CHARS):
+        raise InvalidRequest(
+            f"'idempotency_key' must be 1-{MAX_KEY_CHARS} characters", param="idempotency_key"
+        )
+    metadata = body.get("metadata")
+    if metadata is not None and (
+        not isinstance(metadata, dict) or len(json.dumps(metadata)) > MAX_METADATA_BYTES
+    ):
+        raise InvalidRequest(
+            f"'metadata' must be an object of at most {MAX_METADATA_BYTES} bytes of JSON",
+            param="metadata",
+        )
+    report = body.get("report", "local")
+    if report not in ("local", "upstream"):
+        raise InvalidRequest("'report' must be 'local' or 'upstream'", param="report")
+    attempts = body.get("max_attempts", 3)
+    if isinstance(attempts, bool) or not isinstance(attempts, int) or not 1 <= attempts <= 10:
+        raise InvalidRequest("'max_attempts' must be an integer from 1 to 10", param="max_attempts")
+    return store.JobSpec(
+        kind=kind,
+        request=request,
+        priority=priority,
+        deadline=deadline,
+        idempotency_key=key,
+        metadata=metadata,
+        report=report,
+        max_attempts=attempts,
+    )
+
+
+def _deadline(body: dict[str, Any], now: float) -> float | None:
+    ttl, deadline = body.get("ttl_s"), body.get("deadline")
+    if ttl is not None and deadline is not None:
+        raise InvalidRequest("give 'ttl_s' or 'deadline', not both", param="ttl_s")
+    for name, value in (("ttl_s", ttl), ("deadline", deadline)):
+        if value is not None and (
+            isinstance(value, bool)
+            or not isinstance(value, int | float)
+            or not math.isfinite(value)
+            or value <= 0
+        ):
+            raise InvalidRequest(f"{name!r} must be a positive number", param=name)
+    if ttl is not None:
+        return now + float(ttl)
+    if deadline is not None:
+        if deadline <= now:
+            raise InvalidRequest("'deadline' is in the past", param="deadline")
+        return float(deadline)
+    return None
+
+
+def _with_position(job: dict[str, Any], position: int | None) -> dict[str, Any]:
+    return {**job, "position": position}
+
+
+async def submit(request: web.Request) -> web.Response:
+    jobs = _jobs(request)
+    spec = parse_job(await read_json(request), time.time())
+    room = (
+        await jobs.db.run(outbox.has_room(jobs.outbox_limits))
+        if spec.report == "upstream"
+        else True
+    )
+    job, created = await jobs.db.run(store.submit(spec, room))
+    if created:
+        jobs.worker.wake()
+    position = await jobs.db.read(store.position(job["id"]))
+    # 202 for a new job; 200 when an idempotency key matched a job submitted before.
+    return web.json_response(_with_position(job, position), status=202 if created else 200)
+
+
+async def show(request: web.Request) -> web.Response:
+    job, position = await _jobs(request).db.read(store.get(request.match_info["job_id"]))
+    return web.json_response(_with_position(job, position))
+
+
+async def list_jobs(request: web.Request) -> web.Response:
+    query = request.query
+    try:
+        limit = int(query.get("limit", "50"))
+        cursor = int(query["cursor"]) if "cursor" in query else None
+    except ValueError as exc:
+        raise InvalidRequest("'limit' and 'cursor' must be integers", param="limit") from exc
+    if not 1 <= limit <= MAX_LIST:
+        raise InvalidRequest(f"'limit' must be 1-{MAX_LIST}", param="limit")
+    jobs, next_cursor = await _jobs(request).db.run(
+        store.list_jobs(query.get("state"), limit, cursor)
+    )
+    return web.json_response(
+        {"object": "list", "data": jobs, "next_cursor": str(next_cursor) if next_cursor else None}
+    )
+
+
+async def cancel(request: web.Request) -> web.Response:
+    jobs = _jobs(request)
+    job, was_running = await jobs.db.run(store.cancel(request.match_info["job_id"]))
+    if was_running:
+        jobs.worker.cancel(job["id"])
+    return web.json_response(job)
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_post("/v1/jobs", submit)
+    app.router.add_get("/v1/jobs", list_jobs)
+    app.router.add_get("/v1/jobs/{job_id}", show)
+    app.router.add_delete("/v1/jobs/{job_id}", cancel)

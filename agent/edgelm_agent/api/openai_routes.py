@@ -1,0 +1,221 @@
+"""OpenAI-compatible endpoints: ``/v1/chat/completions``, ``/v1/completions``, ``/v1/models``."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from contextlib import aclosing
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import structlog
+from aiohttp import web
+
+from edgelm_agent.api.context import (
+    API_CONTEXT,
+    LOG_FACTS,
+    PREPARED_RESPONSE,
+    REQUEST_ID,
+    STARTED,
+    ApiContext,
+)
+from edgelm_agent.api.openai_format import (
+    ChatFormatter,
+    CompletionFormatter,
+    DeltaEncoder,
+    Formatter,
+    Usage,
+)
+from edgelm_agent.api.openai_schema import decode_json_object, parse_chat, parse_completion
+from edgelm_agent.api.sse import SseStream, sse_event
+from edgelm_agent.errors import BackendError, PayloadTooLarge
+from edgelm_agent.inference.types import Finished, GenerationRequest, SamplingFields, TextDelta
+from edgelm_agent.serving import ServingModel
+
+log = structlog.get_logger(__name__)
+T = TypeVar("T")
+
+
+async def read_json(request: web.Request) -> dict[str, Any]:
+    try:
+        raw = await request.read()
+    except web.HTTPRequestEntityTooLarge as exc:
+        raise PayloadTooLarge(limit_bytes=request.app[API_CONTEXT].max_body_bytes) from exc
+    return decode_json_object(raw)
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    ctx = request.app[API_CONTEXT]
+    body = parse_chat(await read_json(request))
+    model = ctx.host.resolve(body.model)
+    size = sum(len(m.content) for m in body.messages)
+    tokens = await _off_loop_if_long(size, model.chat_prompt, body.messages)
+    run = Generation(
+        request,
+        ctx,
+        model,
+        tokens,
+        body.sampling,
+        ChatFormatter(model.model_id),
+        body.stream,
+        body.include_usage,
+    )
+    return await run.respond()
+
+
+async def completions(request: web.Request) -> web.StreamResponse:
+    ctx = request.app[API_CONTEXT]
+    body = parse_completion(await read_json(request))
+    model = ctx.host.resolve(body.model)
+    tokens = await _off_loop_if_long(len(body.prompt), model.text_prompt, body.prompt)
+    run = Generation(
+        request,
+        ctx,
+        model,
+        tokens,
+        body.sampling,
+        CompletionFormatter(model.model_id),
+        body.stream,
+        body.include_usage,
+    )
+    return await run.respond()
+
+
+INLINE_PROMPT_CHARS = 2048  # below this, tokenizing costs less than the hop to a thread
+
+
+async def _off_loop_if_long(size: int, fn: Callable[[T], list[int]], arg: T) -> list[int]:
+    """Tokenize a long prompt in a thread (a second on a Pi for 1 MB), so streams that are
+    already running keep flowing; a short one inline, where the thread hop would cost more
+    time to first token than the work itself."""
+    if size < INLINE_PROMPT_CHARS:
+        return fn(arg)
+    return await asyncio.to_thread(fn, arg)
+
+
+def _model_card(m: ServingModel) -> dict[str, Any]:
+    return {
+        "id": m.model_id,
+        "object": "model",
+        "created": m.info.created,
+        "owned_by": "edgelm",
+        "format": m.info.format,
+        "backend": m.info.backend,
+        "context_length": m.context_length,
+    }
+
+
+async def list_models(request: web.Request) -> web.Response:
+    models = request.app[API_CONTEXT].host.models()
+    return web.json_response({"object": "list", "data": [_model_card(m) for m in models]})
+
+
+async def get_model(request: web.Request) -> web.Response:
+    model = request.app[API_CONTEXT].host.find(request.match_info["model_id"])
+    return web.json_response(_model_card(model))
+
+
+@dataclass
+class Generation:
+    """One generation request from admission to the last byte on the wire."""
+
+    request: web.Request
+    ctx: ApiContext
+    model: ServingModel
+    tokens: list[int]
+    fields: SamplingFields
+    formatter: Formatter
+    stream: bool
+    include_usage: bool
+    first_token_at: float | None = None
+    pieces: list[str] = field(default_factory=list)
+    _encoder: DeltaEncoder = field(init=False)
+    _pending: bytes = b""
+
+    async def respond(self) -> web.StreamResponse:
+        params = self.model.sampling(self.fields, len(self.tokens))
+        generation = GenerationRequest(
+            tuple(self.tokens), params, request_id=self.request[REQUEST_ID]
+        )
+        facts = self.request[LOG_FACTS]
+        facts.update(
+            model=self.model.model_id,
+            prompt_tokens=len(self.tokens),
+            max_tokens=params.max_tokens,
+            stream=self.stream,
+        )
+        self.ctx.metrics.prompt_tokens.labels(self.model.model_id).inc(len(self.tokens))
+        sse = SseStream(self.request) if self.stream else None
+        finished: Finished | None = None
+        try:
+            async with aclosing(self.model.scheduler.generate(generation)) as batches:
+                async for batch in batches:
+                    if sse is not None and not sse.opened:
+                        # Headers go out once the model has taken the request, so a full
+                        # queue or a failed runtime still gets a proper JSON error status.
+                        await self._open(sse)
+                    texts = [e.text for e in batch if isinstance(e, TextDelta)]
+                    if texts:
+                        await self._on_text(texts, sse)
+                    if isinstance(batch[-1], Finished):
+                        finished = batch[-1]
+        except ConnectionResetError:
+            facts["client_disconnected"] = True
+            return self._prepared_or_closed()
+        except BackendError as exc:
+            if sse is None or not sse.opened:
+                raise
+            facts["error"] = exc.code
+            return await sse.fail(str(exc), exc.error_type, exc.code)
+        assert finished is not None  # the scheduler always ends a stream with Finished
+        usage = Usage(len(self.tokens), finished.completion_tokens)
+        self._observe(finished, usage)
+        if sse is None:
+            return web.json_response(
+                self.formatter.full("".join(self.pieces), finished.reason, usage)
+            )
+        tail = self._pending + sse_event(self.formatter.final_chunk(finished.reason))
+        if self.include_usage:
+            tail += sse_event(self.formatter.usage_chunk(usage))
+        await sse.send_encoded(tail)
+        return await sse.finish()
+
+    async def _open(self, sse: SseStream) -> None:
+        await sse.open()
+        self._encoder = self.formatter.delta_encoder()
+        first = self.formatter.first_chunk()
+        # Sent together with the first text: headers, role chunk and token in one write.
+        self._pending = sse_event(first) if first is not None else b""
+
+    async def _on_text(self, texts: list[str], sse: SseStream | None) -> None:
+        if self.first_token_at is None:
+            self.first_token_at = time.perf_counter()
+        if sse is None:
+            self.pieces.extend(texts)
+        else:
+            encode = self._encoder.encode
+            pending, self._pending = self._pending, b""
+            await sse.send_encoded(pending + b"".join(encode(t) for t in texts))
+
+    def _prepared_or_closed(self) -> web.StreamResponse:
+        response = self.request.get(PREPARED_RESPONSE)
+        return response if response is not None else web.Response(status=204)
+
+    def _observe(self, finished: Finished, usage: Usage) -> None:
+        facts = self.request[LOG_FACTS]
+        model_id = self.model.model_id
+        if self.first_token_at is not None:
+            ttft = self.first_token_at - self.request[STARTED]
+            self.ctx.metrics.time_to_first_token.labels(model_id).observe(ttft)
+            facts["ttft_ms"] = round(ttft * 1000, 2)
+        if finished.tokens_per_s is not None:
+            facts["tokens_per_s"] = round(finished.tokens_per_s, 1)
+        facts.update(completion_tokens=usage.completion_tokens, finish_reason=finished.reason)
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_post("/v1/chat/completions", chat_completions)
+    app.router.add_post("/v1/completions", completions)
+    app.router.add_get("/v1/models", list_models)
+    app.router.add_get("/v1/models/{model_id}", get_model)

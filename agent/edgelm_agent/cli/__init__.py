@@ -1,0 +1,1 @@
+"""Device-side commands: ``edgelm agent``, ``edgelm chat``."""

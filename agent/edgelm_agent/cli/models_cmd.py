@@ -1,0 +1,322 @@
+"""``edgelm models``: the device's model registry, through the running agent or on disk.
+
+By default every command talks to the agent over its Unix socket. With ``--state-dir`` it works
+on the registry files directly, for an agent that is stopped or will not start; the registry
+lock makes sure that never happens beside a running agent. Direct mode cannot load models, so
+there ``activate`` verifies the model and records it: the agent loads and health-checks it at
+its next start and falls back to the previous model if that fails.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
+from rich.table import Table
+
+from edgelm_agent.api.registry_routes import state_view
+from edgelm_agent.cli.socket_client import AgentClient
+from edgelm_agent.config import env_socket_path
+from edgelm_agent.errors import EdgelmError
+from edgelm_agent.registry.registry import Registry, RegistryConfig
+from edgelm_cli.diagnostics import DiagnosticError
+
+console = Console(stderr=True)
+
+
+class Where:
+    """Where a command runs: the agent's socket, or a state directory on disk."""
+
+    def __init__(self, socket: Path | None, state_dir: Path | None, as_json: bool) -> None:
+        self.socket = socket or env_socket_path()
+        self.state_dir = state_dir
+        self.as_json = as_json
+
+    def call(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+        async def go() -> Any:
+            async with AgentClient(self.socket, timeout_s=3600) as client:
+                if method == "GET":
+                    return await client.get_json(path)
+                return await client.post_json(path, body or {})
+
+        waiting = console.status("waiting for the agent…") if not self.as_json else _nothing()
+        try:
+            with waiting:
+                return asyncio.run(go())
+        except DiagnosticError as exc:
+            exc.as_json = self.as_json
+            raise
+
+    @contextmanager
+    def registry(self) -> Iterator[Registry]:
+        assert self.state_dir is not None
+        registry = Registry(RegistryConfig(root=self.state_dir / "registry"))
+        try:
+            with registry.locked():
+                yield registry
+        except EdgelmError as exc:
+            raise DiagnosticError(f"registry-{exc.code}", str(exc), as_json=self.as_json) from exc
+
+    def progress(self) -> _Bars:
+        return _Bars(enabled=not self.as_json)
+
+
+@contextmanager
+def _nothing() -> Iterator[None]:
+    yield
+
+
+class _Bars:
+    """rich progress bars fed by the registry's (phase, done, total) callbacks."""
+
+    def __init__(self, *, enabled: bool) -> None:
+        self._progress = Progress(
+            "[progress.description]{task.description}",
+            BarColumn(),
+            DownloadColumn(),
+            TransferSpeedColumn(),
+            console=console,
+            disable=not enabled,
+        )
+        self._tasks: dict[str, Any] = {}
+
+    def __enter__(self) -> Callable[[str, int, int], None]:
+        self._progress.__enter__()
+        return self.update
+
+    def __exit__(self, *exc: object) -> None:
+        self._progress.__exit__(None, None, None)
+
+    def update(self, phase: str, done: int, total: int) -> None:
+        if phase not in self._tasks:
+            self._tasks[phase] = self._progress.add_task(phase, total=total)
+        self._progress.update(self._tasks[phase], completed=done, total=total)
+
+
+def _emit(where: Where, data: Any, human: Callable[[], None]) -> None:
+    if where.as_json:
+        click.echo(json.dumps(data, indent=2))
+    else:
+        human()
+
+
+def _split(ref: str) -> tuple[str, str | None]:
+    name, _, version = ref.partition("@")
+    return name, version or None
+
+
+def _options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    fn = click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")(fn)
+    fn = click.option(
+        "--state-dir",
+        type=click.Path(path_type=Path, file_okay=False),
+        help="Work on this state directory directly (agent stopped).",
+    )(fn)
+    return click.option(
+        "--socket",
+        type=click.Path(path_type=Path),
+        help="Agent socket. [default: $EDGELM_SOCKET or /run/edgelm/agent.sock]",
+    )(fn)
+
+
+@click.group()
+def models() -> None:
+    """The device's signed model registry."""
+
+
+@models.command("list")
+@_options
+def list_cmd(socket: Path | None, state_dir: Path | None, as_json: bool) -> None:
+    """Installed models: which is active, previous and pinned."""
+    where = Where(socket, state_dir, as_json)
+    if state_dir is not None:
+        with where.registry() as registry:
+            view = state_view(registry.state())
+    else:
+        view = where.call("GET", "/v1/registry/models")
+
+    def table() -> None:
+        t = Table("model", "format", "size", "state")
+        for m in view["models"]:
+            flags = [f for f in ("active", "previous", "pinned") if m[f]]
+            t.add_row(m["ref"], m["format"], f"{m['length'] / 1e6:.1f} MB", ", ".join(flags))
+        Console().print(t)
+
+    _emit(where, view, table)
+
+
+@models.command("import")
+@click.argument("path", type=click.Path(path_type=Path, exists=True))
+@click.option("--name", help="Model name. [default: from the file name]")
+@click.option("--version", help="Version. [default: sha256-<first 12 hex digits>]")
+@click.option("--context-length", type=click.IntRange(min=1), default=4096, show_default=True)
+@_options
+def import_cmd(
+    path: Path,
+    name: str | None,
+    version: str | None,
+    context_length: int,
+    socket: Path | None,
+    state_dir: Path | None,
+    as_json: bool,
+) -> None:
+    """Sign a GGUF file or ONNX GenAI folder into this device's repository and install it."""
+    where = Where(socket, state_dir, as_json)
+    if state_dir is not None:
+        with where.registry() as registry, where.progress() as progress:
+            target = registry.import_model(
+                path, name=name, version=version, context_length=context_length, progress=progress
+            )
+        data = target.as_dict()
+    else:
+        data = where.call(
+            "POST",
+            "/v1/registry/import",
+            {
+                "path": str(path.resolve()),
+                "name": name,
+                "version": version,
+                "context_length": context_length,
+            },
+        )
+    _emit(
+        where,
+        data,
+        lambda: console.print(
+            f"imported [bold]{data['name']}@{data['version']}[/] (sha256 {data['sha256'][:16]}…)"
+        ),
+    )
+
+
+@models.command("install")
+@click.argument("ref")
+@_options
+def install_cmd(ref: str, socket: Path | None, state_dir: Path | None, as_json: bool) -> None:
+    """Download and verify NAME[@VERSION] from the fleet repository (newest if no version)."""
+    where = Where(socket, state_dir, as_json)
+    name, version = _split(ref)
+    if state_dir is not None:
+        raise DiagnosticError(
+            "direct-install",
+            "install needs the agent's repository settings",
+            hint="run it through the agent's socket",
+            as_json=as_json,
+        )
+    data = where.call("POST", "/v1/registry/install", {"name": name, "version": version})
+    _emit(
+        where, data, lambda: console.print(f"installed [bold]{data['name']}@{data['version']}[/]")
+    )
+
+
+@models.command("activate")
+@click.argument("ref")
+@_options
+def activate_cmd(ref: str, socket: Path | None, state_dir: Path | None, as_json: bool) -> None:
+    """Verify, load and health-check NAME[@VERSION], then switch to it."""
+    where = Where(socket, state_dir, as_json)
+    if state_dir is not None:
+        with where.registry() as registry, where.progress() as progress:
+            target = registry.find(ref)
+            registry.verified_path(target, progress)
+            registry.save(registry.state().activated(target.ref))
+        data = target.as_dict()
+    else:
+        data = where.call("POST", "/v1/registry/activate", {"model": ref})
+    _emit(where, data, lambda: console.print(f"active: [bold]{data['name']}@{data['version']}[/]"))
+
+
+@models.command("rollback")
+@_options
+def rollback_cmd(socket: Path | None, state_dir: Path | None, as_json: bool) -> None:
+    """Switch back to the previous model."""
+    where = Where(socket, state_dir, as_json)
+    if state_dir is not None:
+        with where.registry() as registry:
+            state = registry.state()
+            if state.previous is None:
+                raise DiagnosticError("no-previous", "there is no previous model", as_json=as_json)
+            target = registry.find(state.previous)
+            registry.verified_path(target)
+            registry.save(state.rolled_back(target.ref, "requested"))
+        data = target.as_dict()
+    else:
+        data = where.call("POST", "/v1/registry/rollback")
+    _emit(
+        where,
+        data,
+        lambda: console.print(f"rolled back to [bold]{data['name']}@{data['version']}[/]"),
+    )
+
+
+@models.command("verify")
+@click.argument("ref", required=False)
+@_options
+def verify_cmd(ref: str | None, socket: Path | None, state_dir: Path | None, as_json: bool) -> None:
+    """Re-hash installed models against their signed metadata."""
+    where = Where(socket, state_dir, as_json)
+    if state_dir is not None:
+        with where.registry() as registry, where.progress() as progress:
+            results = [asdict(r) for r in registry.verify(ref, progress)]
+        data: dict[str, Any] = {"ok": all(r["ok"] for r in results), "results": results}
+    else:
+        data = where.call("POST", "/v1/registry/verify", {"model": ref} if ref else {})
+
+    def human() -> None:
+        for r in data["results"]:
+            mark = "[green]ok[/]" if r["ok"] else f"[red]FAILED[/] {r['error']}"
+            console.print(f"{r['ref']}: {mark}")
+
+    _emit(where, data, human)
+    if not data["ok"]:
+        raise SystemExit(1)
+
+
+@models.command("gc")
+@_options
+def gc_cmd(socket: Path | None, state_dir: Path | None, as_json: bool) -> None:
+    """Remove models other than the active, previous and pinned ones."""
+    where = Where(socket, state_dir, as_json)
+    if state_dir is not None:
+        with where.registry() as registry:
+            removed, freed = registry.gc()
+        data: dict[str, Any] = {"removed": removed, "freed_bytes": freed}
+    else:
+        data = where.call("POST", "/v1/registry/gc")
+    _emit(
+        where,
+        data,
+        lambda: console.print(
+            f"removed {len(data['removed'])} model(s), freed {data['freed_bytes'] / 1e6:.1f} MB"
+        ),
+    )
+
+
+@models.command("pin")
+@click.argument("ref")
+@click.option("--unpin", is_flag=True, help="Remove the pin instead.")
+@_options
+def pin_cmd(
+    ref: str, unpin: bool, socket: Path | None, state_dir: Path | None, as_json: bool
+) -> None:
+    """Keep NAME@VERSION through gc (or stop keeping it, with --unpin)."""
+    where = Where(socket, state_dir, as_json)
+    if state_dir is not None:
+        with where.registry() as registry:
+            data = {**registry.pin(ref, not unpin).as_dict(), "pinned": not unpin}
+    else:
+        data = where.call("POST", "/v1/registry/pin", {"model": ref, "pinned": not unpin})
+    _emit(
+        where,
+        data,
+        lambda: console.print(
+            f"{'unpinned' if unpin else 'pinned'} {data['name']}@{data['version']}"
+        ),
+    )

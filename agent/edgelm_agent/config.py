@@ -1,0 +1,283 @@
+"""Agent configuration: defaults < TOML file < ``EDGELM_*`` environment < command-line flags.
+
+This is the only module that reads ``os.environ``. Everything else receives a frozen
+:class:`AgentConfig`. Each setting is declared once in :data:`SETTINGS` with its TOML key, its
+environment variable and its parser, so the three sources cannot drift apart; the defaults live
+on the dataclass, documented next to each field (and in ``docs/operator-guide.md``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import os
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from edgelm_agent.errors import ConfigError
+
+LogFormat = Literal["auto", "json", "console"]
+
+DEFAULT_STATE_DIR = Path("/var/lib/edgelm")
+DEFAULT_SOCKET = Path("/run/edgelm/agent.sock")
+DEFAULT_HTTP_PORT = 8470
+
+
+@dataclass(frozen=True)
+class HttpListen:
+    """Where the loopback HTTP listener binds. ``None`` in the config disables it."""
+
+    host: str
+    port: int
+
+    @property
+    def is_loopback(self) -> bool:
+        if self.host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return False
+
+    def __str__(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    """Everything the daemon needs to start. Units are in the names."""
+
+    #: Root of all persistent state (registry, database). Nothing in it is rewritten in place.
+    state_dir: Path = DEFAULT_STATE_DIR
+    #: Unix socket of the local API, created with mode 0660.
+    socket_path: Path = DEFAULT_SOCKET
+    #: Loopback HTTP listener; ``None`` disables it.
+    http: HttpListen | None = field(
+        default_factory=lambda: HttpListen("127.0.0.1", DEFAULT_HTTP_PORT)
+    )
+    #: Bearer token required on the HTTP listener. Mandatory to bind a non-loopback address.
+    api_token: str | None = None
+    #: Browser origins allowed to call the HTTP API (e.g. ``http://localhost:3000``).
+    allowed_origins: tuple[str, ...] = ()
+    #: Model to serve: a GGUF file or an ONNX GenAI folder.
+    model_path: Path | None = None
+    #: CPU threads for generation; ``None`` means one per available core.
+    threads: int | None = None
+    #: Context window in tokens, capped at the model's trained length.
+    context_length: int = 4096
+    #: Requests allowed to wait while the model is busy; one more is answered 429.
+    max_queue: int = 16
+    #: ``Retry-After`` seconds sent with a 429.
+    retry_after_s: int = 1
+    #: Largest request body accepted, in bytes; larger bodies get 413.
+    max_body_bytes: int = 1 << 20
+    #: How long in-flight generations may run after SIGTERM before they are cancelled.
+    shutdown_grace_s: float = 10.0
+    #: Mirrors of the fleet's TUF repository (URLs or folders), tried in order. Empty: this is
+    #: a standalone device that signs its own models into a local repository.
+    repository_mirrors: tuple[str, ...] = ()
+    #: The fleet repository's root.json, the trust anchor, used on first contact.
+    repository_root: Path | None = None
+    #: Free disk kept beyond a model's size before a download or import is allowed.
+    disk_margin_bytes: int = 256 << 20
+    #: When interactive requests and jobs both wait, every Nth turn goes to a job.
+    jobs_background_every: int = 4
+    #: Finished jobs are forgotten after this long …
+    jobs_retention_s: float = 7 * 24 * 3600.0
+    #: … and beyond this many.
+    jobs_retention_count: int = 10_000
+    #: Telemetry messages the outbox keeps while offline; older ones are dropped.
+    outbox_telemetry_max: int = 10_000
+    #: Bytes of results and events the outbox keeps; past it, upstream jobs are refused.
+    outbox_durable_max_bytes: int = 64 << 20
+    #: Testing only: the process kills itself with SIGKILL at this named point.
+    crash_point: str | None = None
+    #: ``auto`` writes JSON lines unless stdout is a terminal.
+    log_format: LogFormat = "auto"
+    log_level: str = "info"
+
+    def effective_threads(self) -> int:
+        if self.threads is not None:
+            return self.threads
+        return max(1, len(os.sched_getaffinity(0)))
+
+
+# --- parsers: each takes the raw value from TOML (typed) or env/flags (str) ---------------------
+
+
+def _path(value: Any) -> Path:
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"expected a path, got {value!r}")
+    return Path(value).expanduser()
+
+
+def _optional_path(value: Any) -> Path | None:
+    return None if value in (None, "") else _path(value)
+
+
+def _positive_int(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise ValueError(f"expected a positive integer, got {value!r}")
+    number = int(value)
+    if number <= 0:
+        raise ValueError(f"expected a positive integer, got {value!r}")
+    return number
+
+
+def _optional_positive_int(value: Any) -> int | None:
+    return None if value in (None, "", 0, "0", "auto") else _positive_int(value)
+
+
+def _non_negative_int(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | str) or int(value) < 0:
+        raise ValueError(f"expected an integer >= 0, got {value!r}")
+    return int(value)
+
+
+def _non_negative_float(value: Any) -> float:
+    number = float(value)
+    if number < 0:
+        raise ValueError(f"expected a number >= 0, got {value!r}")
+    return number
+
+
+def _optional_str(value: Any) -> str | None:
+    if value in (None, ""):
+        return None
+    if not isinstance(value, str):
+        raise ValueError(f"expected a string, got {value!r}")
+    return value
+
+
+def _origins(value: Any) -> tuple[str, ...]:
+    if isinstance(value, str):
+        items = [v.strip() for v in value.split(",")]
+    elif isinstance(value, list):
+        items = [str(v).strip() for v in value]
+    else:
+        raise ValueError(f"expected a list of origins, got {value!r}")
+    return tuple(v.rstrip("/") for v in items if v)
+
+
+def _log_format(value: Any) -> LogFormat:
+    if value not in ("auto", "json", "console"):
+        raise ValueError(f"expected auto, json or console, got {value!r}")
+    return value  # type: ignore[no-any-return]  # narrowed by the membership test above
+
+
+def _log_level(value: Any) -> str:
+    levels = ("debug", "info", "warning", "error")
+    if not isinstance(value, str) or value.lower() not in levels:
+        raise ValueError(f"expected one of {', '.join(levels)}, got {value!r}")
+    return value.lower()
+
+
+def parse_http(value: Any) -> HttpListen | None:
+    """Parse ``HOST:PORT`` (``[::1]:8470`` for IPv6); ``off`` or ``none`` disables HTTP."""
+    if value is None or (isinstance(value, str) and value.lower() in ("", "off", "none")):
+        return None
+    if not isinstance(value, str):
+        raise ValueError(f"expected HOST:PORT, got {value!r}")
+    host, sep, port_text = value.rpartition(":")
+    if not sep or not host:
+        raise ValueError(f"expected HOST:PORT, got {value!r}")
+    host = host.removeprefix("[").removesuffix("]")
+    port = int(port_text)
+    if not 0 <= port <= 65535:
+        raise ValueError(f"port must be 0-65535, got {port}")
+    return HttpListen(host, port)
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One configurable field and the names it goes by in each source."""
+
+    field: str
+    key: str  # TOML key; the flag has the same name with dashes
+    parse: Callable[[Any], Any]
+
+    @property
+    def env(self) -> str:
+        return "EDGELM_" + self.key.upper()
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("state_dir", "state_dir", _path),
+    Setting("socket_path", "socket", _path),
+    Setting("http", "http", parse_http),
+    Setting("api_token", "api_token", _optional_str),
+    Setting("allowed_origins", "allowed_origins", _origins),
+    Setting("model_path", "model", _optional_path),
+    Setting("threads", "threads", _optional_positive_int),
+    Setting("context_length", "context_length", _positive_int),
+    Setting("max_queue", "max_queue", _positive_int),
+    Setting("retry_after_s", "retry_after_s", _positive_int),
+    Setting("max_body_bytes", "max_body_bytes", _positive_int),
+    Setting("shutdown_grace_s", "shutdown_grace_s", _non_negative_float),
+    Setting("repository_mirrors", "repository_mirrors", _origins),
+    Setting("repository_root", "repository_root", _optional_path),
+    Setting("disk_margin_bytes", "disk_margin_bytes", _non_negative_int),
+    Setting("jobs_background_every", "jobs_background_every", _positive_int),
+    Setting("jobs_retention_s", "jobs_retention_s", _non_negative_float),
+    Setting("jobs_retention_count", "jobs_retention_count", _positive_int),
+    Setting("outbox_telemetry_max", "outbox_telemetry_max", _positive_int),
+    Setting("outbox_durable_max_bytes", "outbox_durable_max_bytes", _positive_int),
+    Setting("crash_point", "test_crash_point", _optional_str),
+    Setting("log_format", "log_format", _log_format),
+    Setting("log_level", "log_level", _log_level),
+)
+_BY_KEY = {s.key: s for s in SETTINGS}
+
+
+def resolve_config(
+    *,
+    toml_data: Mapping[str, Any] | None = None,
+    env: Mapping[str, str] | None = None,
+    flags: Mapping[str, Any] | None = None,
+    toml_source: str = "config file",
+) -> AgentConfig:
+    """Merge the sources in precedence order. Pure: no file or environment access."""
+    values: dict[str, Any] = {}
+    unknown = sorted(set(toml_data or {}) - set(_BY_KEY))
+    if unknown:
+        raise ConfigError(f"{toml_source}: unknown setting(s) {', '.join(unknown)}")
+    for setting in SETTINGS:
+        sources: list[tuple[str, Any]] = []
+        if toml_data and setting.key in toml_data:
+            sources.append((f"{toml_source} key {setting.key!r}", toml_data[setting.key]))
+        if env and setting.env in env:
+            sources.append((f"environment variable {setting.env}", env[setting.env]))
+        if flags and flags.get(setting.key) is not None:
+            sources.append((f"flag --{setting.key.replace('_', '-')}", flags[setting.key]))
+        for origin, raw in sources:  # later sources win
+            try:
+                values[setting.field] = setting.parse(raw)
+            except (TypeError, ValueError) as exc:
+                raise ConfigError(f"{origin}: {exc}") from exc
+    return dataclasses.replace(AgentConfig(), **values)
+
+
+def load_config(config_file: Path | None, flags: Mapping[str, Any]) -> AgentConfig:
+    """Read the TOML file (``--config`` or ``EDGELM_CONFIG``) and the environment, then resolve."""
+    env = dict(os.environ)
+    path = config_file or (Path(env["EDGELM_CONFIG"]) if env.get("EDGELM_CONFIG") else None)
+    toml_data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            with open(path, "rb") as f:
+                toml_data = tomllib.load(f)
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {path} is not valid TOML: {exc}") from exc
+    return resolve_config(toml_data=toml_data, env=env, flags=flags, toml_source=str(path))
+
+
+def env_socket_path() -> Path:
+    """Socket path a CLI client should use when no ``--socket`` is given."""
+    raw = os.environ.get("EDGELM_SOCKET")
+    return Path(raw).expanduser() if raw else DEFAULT_SOCKET

@@ -1,0 +1,140 @@
+"""Errors raised by the agent, grouped by who is at fault.
+
+::
+
+    EdgelmError
+    ├── ConfigError            the operator's configuration is wrong; the daemon will not start
+    ├── ModelError             the model cannot be served
+    │   └── ModelLoadError     the runtime refused the file or folder
+    ├── RequestError           the client sent something we will not run (4xx)
+    │   ├── InvalidRequest         400: malformed JSON, missing or bad fields
+    │   ├── ContextOverflow        400: prompt + max_tokens beyond the context window
+    │   ├── NotAuthorized          401: missing or wrong bearer token
+    │   ├── ForbiddenHost          403: Host or Origin not allowed (DNS rebinding defence)
+    │   ├── ModelNotFound          404: no such model
+    │   └── PayloadTooLarge        413: body over the size limit
+    ├── Overloaded             503/429: we cannot take the work now; carries ``retry_after_s``
+    │   ├── QueueFull              429: the wait queue is full
+    │   └── NotReady               503: no model loaded yet, or shutting down
+    └── BackendError           500: the runtime failed while generating
+
+Every error carries the attributes the HTTP layer needs (``status_code``, ``error_type``,
+``code``), so :mod:`edgelm_agent.api.errors` maps them without parsing strings.
+"""
+
+from __future__ import annotations
+
+
+class EdgelmError(Exception):
+    """Root of every error the agent raises on purpose."""
+
+    status_code: int = 500
+    error_type: str = "server_error"
+    code: str | None = None
+
+
+class ConfigError(EdgelmError):
+    """The configuration is invalid; the message names the source and the setting."""
+
+
+class ModelError(EdgelmError):
+    """The model cannot be served."""
+
+    status_code = 500
+    error_type = "server_error"
+    code = "model_error"
+
+
+class ModelLoadError(ModelError):
+    """The runtime could not load the model file or folder."""
+
+    code = "model_load_failed"
+
+
+class RequestError(EdgelmError):
+    """The client is at fault. ``param`` names the offending field, when there is one."""
+
+    status_code = 400
+    error_type = "invalid_request_error"
+
+    def __init__(self, message: str, *, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+class InvalidRequest(RequestError):
+    code = "invalid_request"
+
+
+class ContextOverflow(RequestError):
+    code = "context_length_exceeded"
+
+    def __init__(self, *, prompt_tokens: int, max_tokens: int, context_length: int) -> None:
+        super().__init__(
+            f"prompt ({prompt_tokens} tokens) + max_tokens ({max_tokens}) = "
+            f"{prompt_tokens + max_tokens} exceeds the context length of {context_length} tokens",
+            param="max_tokens",
+        )
+        self.prompt_tokens = prompt_tokens
+        self.max_tokens = max_tokens
+        self.context_length = context_length
+
+
+class NotAuthorized(RequestError):
+    status_code = 401
+    error_type = "authentication_error"
+    code = "invalid_api_key"
+
+
+class ForbiddenHost(RequestError):
+    status_code = 403
+    error_type = "permission_error"
+    code = "host_not_allowed"
+
+
+class ModelNotFound(RequestError):
+    status_code = 404
+    code = "model_not_found"
+
+    def __init__(self, requested: str, available: list[str]) -> None:
+        listed = ", ".join(available) if available else "none loaded"
+        super().__init__(f"model {requested!r} not found; available: {listed}", param="model")
+        self.requested = requested
+
+
+class PayloadTooLarge(RequestError):
+    status_code = 413
+    code = "payload_too_large"
+
+    def __init__(self, *, limit_bytes: int, actual_bytes: int | None = None) -> None:
+        got = f"{actual_bytes} bytes" if actual_bytes is not None else "more"
+        super().__init__(f"request body must be at most {limit_bytes} bytes, got {got}")
+        self.limit_bytes = limit_bytes
+
+
+class Overloaded(EdgelmError):
+    """Capacity, not correctness: the same request may succeed after ``retry_after_s``."""
+
+    status_code = 503
+    error_type = "server_error"
+    code = "overloaded"
+
+    def __init__(self, message: str, *, retry_after_s: int) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class QueueFull(Overloaded):
+    status_code = 429
+    error_type = "rate_limit_error"
+    code = "queue_full"
+
+
+class NotReady(Overloaded):
+    code = "not_ready"
+
+
+class BackendError(EdgelmError):
+    """The inference runtime failed during generation."""
+
+    code = "backend_error"

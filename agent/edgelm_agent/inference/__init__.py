@@ -1,0 +1,1 @@
+"""Inference: the backend port, the two runtimes behind it, and the scheduler in front."""

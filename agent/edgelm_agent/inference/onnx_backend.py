@@ -1,0 +1,175 @@
+"""onnxruntime-genai behind the :class:`~edgelm_agent.inference.backend.Backend` port.
+
+An ONNX GenAI model is a folder: ``genai_config.json`` (runtime settings, context length, EOS
+ids), the ONNX graph and weights, and the Hugging Face tokenizer files, whose
+``tokenizer_config.json`` carries the chat template.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import onnxruntime_genai as og
+
+from edgelm_agent.errors import ModelLoadError
+from edgelm_agent.inference.types import ModelInfo, SamplingParams
+
+PREFILL_SLICE = 512  # tokens appended per call; bounds how long a cancel waits during prefill
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        return {}
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ModelLoadError(f"cannot read {path}: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ModelLoadError(f"{path} must hold a JSON object")
+    return data
+
+
+def _token_text(value: Any) -> str:
+    """tokenizer_config.json writes special tokens as strings or as {"content": ...} objects."""
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) else ""
+
+
+def _as_ids(value: Any) -> frozenset[int]:
+    if isinstance(value, int):
+        return frozenset({value})
+    if isinstance(value, list):
+        return frozenset(v for v in value if isinstance(v, int))
+    return frozenset()
+
+
+class OnnxGenaiBackend:
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        info: ModelInfo,
+        eos_ids: frozenset[int],
+        add_bos: bool,
+        bos_id: int | None,
+    ) -> None:
+        self._model = model
+        self._tokenizer = tokenizer
+        self._info = info
+        self._eos_ids = eos_ids
+        self._add_bos = add_bos
+        self._bos_id = bos_id
+        self._random = random.Random()
+
+    @classmethod
+    def load(
+        cls, path: Path, *, model_id: str, threads: int, context_length: int
+    ) -> OnnxGenaiBackend:
+        genai_config = _read_json(path / "genai_config.json")
+        tokenizer_config = _read_json(path / "tokenizer_config.json")
+        model_section = genai_config.get("model", {})
+        try:
+            config = og.Config(str(path))
+            # The runtime would otherwise size its thread pool itself; the agent's `threads`
+            # setting must hold for both runtimes.
+            config.overlay(
+                json.dumps(
+                    {
+                        "model": {
+                            "decoder": {
+                                "session_options": {
+                                    "intra_op_num_threads": threads,
+                                    "inter_op_num_threads": 1,
+                                }
+                            }
+                        }
+                    }
+                )
+            )
+            model = og.Model(config)
+            tokenizer = og.Tokenizer(model)
+        except Exception as exc:  # the runtime raises bare RuntimeError/OSError variants
+            raise ModelLoadError(f"onnxruntime-genai could not load {path}: {exc}") from exc
+        trained = int(model_section.get("context_length") or context_length)
+        eos_ids = _as_ids(model_section.get("eos_token_id")) or frozenset(tokenizer.eos_token_ids)
+        bos_id = model_section.get("bos_token_id")
+        info = ModelInfo(
+            model_id=model_id,
+            path=str(path),
+            format="onnx",
+            backend="onnxruntime-genai",
+            context_length=min(context_length, trained),
+            chat_template=tokenizer_config.get("chat_template") or None,
+            bos_token=_token_text(tokenizer_config.get("bos_token")),
+            eos_token=_token_text(tokenizer_config.get("eos_token")),
+            created=int(time.time()),
+        )
+        return cls(
+            model,
+            tokenizer,
+            info,
+            eos_ids,
+            add_bos=bool(tokenizer_config.get("add_bos_token", False)),
+            bos_id=bos_id if isinstance(bos_id, int) else None,
+        )
+
+    @property
+    def info(self) -> ModelInfo:
+        return self._info
+
+    def tokenize(self, text: str) -> list[int]:
+        ids = [int(t) for t in self._tokenizer.encode(text)]
+        if self._add_bos and self._bos_id is not None and (not ids or ids[0] != self._bos_id):
+            ids.insert(0, self._bos_id)
+        return ids
+
+    def generate(
+        self, prompt: Sequence[int], params: SamplingParams, cancel: threading.Event
+    ) -> Iterator[str]:
+        search: dict[str, Any] = {"max_length": len(prompt) + params.max_tokens}
+        if params.temperature == 0:
+            search["do_sample"] = False
+        else:
+            seed = params.seed if params.seed is not None else self._random.getrandbits(31)
+            search.update(
+                do_sample=True,
+                temperature=params.temperature,
+                top_p=params.top_p,
+                random_seed=seed & 0x7FFFFFFF,
+            )
+            if params.top_k > 0:
+                search["top_k"] = params.top_k
+        gen_params = og.GeneratorParams(self._model)
+        gen_params.set_search_options(**search)
+        generator = og.Generator(self._model, gen_params)
+        # The tokenizer stream holds back bytes of an unfinished UTF-8 character, so each
+        # decoded piece is valid text.
+        stream = self._tokenizer.create_stream()
+        try:
+            # The prompt goes in slices so a cancel is noticed during a long prefill too.
+            for start in range(0, len(prompt), PREFILL_SLICE):
+                if cancel.is_set():
+                    return
+                generator.append_tokens(list(prompt[start : start + PREFILL_SLICE]))
+            while not generator.is_done():
+                if cancel.is_set():
+                    return
+                generator.generate_next_token()
+                token = int(generator.get_next_tokens()[0])
+                if token in self._eos_ids:
+                    return
+                yield stream.decode(token)
+        finally:
+            del generator  # frees the KV cache now, not when the GC gets to it
+
+    def close(self) -> None:
+        self._tokenizer = None
+        self._model = None

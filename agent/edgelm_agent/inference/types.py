@@ -1,0 +1,94 @@
+"""Value objects that cross the boundary between the API, the scheduler and the backends."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+FinishReason = Literal["stop", "length", "cancelled"]
+Format = Literal["gguf", "onnx"]
+
+
+@dataclass(frozen=True)
+class SamplingDefaults:
+    """What a request that leaves a sampling field out gets; a model's metadata may set them."""
+
+    temperature: float = 0.8
+    top_p: float = 0.95
+    top_k: int = 40
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to pick tokens. ``temperature == 0`` means greedy decoding."""
+
+    max_tokens: int
+    temperature: float
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class SamplingFields:
+    """Sampling fields as a client sent them; ``None`` means use the model's default."""
+
+    max_tokens: int | None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the API needs to know about the loaded model."""
+
+    model_id: str
+    path: str
+    format: Format
+    backend: str
+    context_length: int
+    chat_template: str | None
+    bos_token: str
+    eos_token: str
+    created: int = 0  # unix time the model was loaded; /v1/models reports it
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """A tokenized prompt ready to run. ``prompt_tokens`` already fits the context."""
+
+    prompt_tokens: tuple[int, ...]
+    params: SamplingParams
+    request_id: str = ""
+
+
+@dataclass(frozen=True)
+class TextDelta:
+    """New text, valid UTF-8, possibly covering several tokens."""
+
+    text: str
+    tokens: int
+
+
+@dataclass(frozen=True)
+class Finished:
+    """The last event of every generation."""
+
+    reason: FinishReason
+    completion_tokens: int
+    prefill_s: float  # from the start of the run to the first token (or to the end if none)
+    decode_s: float  # from the first token to the last
+
+    @property
+    def tokens_per_s(self) -> float | None:
+        """Decode speed; undefined below two tokens, where there is no interval to measure."""
+        if self.completion_tokens < 2 or self.decode_s <= 0:
+            return None
+        return (self.completion_tokens - 1) / self.decode_s
+
+
+GenerationEvent = TextDelta | Finished

@@ -1,0 +1,332 @@
+"""Jobs in SQLite: submit, claim, finish, cancel, recover, prune.
+
+Every state change goes through :func:`~edgelm_agent.jobs.lifecycle.next_state` and an
+``UPDATE … WHERE state = ?`` guarded by the state it expects, so a change that lost a race
+(a cancel against a finish, say) changes nothing. A result is written by the same statement that
+moves the job to ``succeeded``, guarded by the attempt number, so execution is at least once but
+each result is stored exactly once, together with its outbox message in one transaction.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import sqlite3
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from edgelm_agent.errors import InvalidRequest, RequestError
+from edgelm_agent.jobs.lifecycle import (
+    FINAL,
+    JobEvent,
+    JobState,
+    backoff_s,
+    failure_event,
+    next_state,
+)
+from edgelm_agent.jobs.outbox import OutboxClass, put_message
+
+
+class JobNotFound(RequestError):
+    status_code = 404
+    code = "job_not_found"
+
+
+class JobConflict(RequestError):
+    status_code = 409
+    code = "job_conflict"
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """A validated submission (see :mod:`edgelm_agent.api.jobs_routes` for the wire form)."""
+
+    kind: str  # "chat" or "completion"
+    request: dict[str, Any]
+    priority: int = 0
+    deadline: float | None = None
+    idempotency_key: str | None = None
+    metadata: dict[str, Any] | None = None
+    report: str = "local"  # or "upstream": the result goes to the outbox too
+    max_attempts: int = 3
+
+
+def _job_view(row: sqlite3.Row) -> dict[str, Any]:
+    return {
+        "id": row["id"],
+        "object": "job",
+        "state": row["state"],
+        "kind": row["kind"],
+        "priority": row["priority"],
+        "request": json.loads(row["request"]),
+        "idempotency_key": row["idempotency_key"],
+        "metadata": json.loads(row["metadata"]) if row["metadata"] else None,
+        "report": row["report"],
+        "attempts": row["attempts"],
+        "max_attempts": row["max_attempts"],
+        "created_at": row["created_at"],
+        "updated_at": row["updated_at"],
+        "started_at": row["started_at"],
+        "finished_at": row["finished_at"],
+        "deadline": row["deadline"],
+        "result": json.loads(row["result"]) if row["result"] else None,
+        "error": json.loads(row["error"]) if row["error"] else None,
+    }
+
+
+def _position(conn: sqlite3.Connection, row: sqlite3.Row) -> int | None:
+    if row["state"] != JobState.QUEUED:
+        return None
+    (ahead,) = conn.execute(
+        "SELECT count(*) FROM jobs WHERE state = 'queued' AND "
+        "(priority > ? OR (priority = ? AND seq < ?))",
+        (row["priority"], row["priority"], row["seq"]),
+    ).fetchone()
+    return int(ahead)
+
+
+def _row(conn: sqlite3.Connection, job_id: str) -> sqlite3.Row:
+    row = conn.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+    if row is None:
+        raise JobNotFound(f"no job {job_id!r}", param="id")
+    return row  # type: ignore[no-any-return]
+
+
+def _transition(
+    conn: sqlite3.Connection, row: sqlite3.Row, event: JobEvent, **fields: Any
+) -> sqlite3.Row:
+    state = next_state(JobState(row["state"]), event)
+    now = time.time()
+    fields = {"state": str(state), "updated_at": now, **fields}
+    if state in FINAL:
+        fields.setdefault("finished_at", now)
+    assignments = ", ".join(f"{k} = ?" for k in fields)
+    changed = conn.execute(
+        f"UPDATE jobs SET {assignments} WHERE seq = ? AND state = ? AND attempts = ?",  # noqa: S608  # column names are ours, values are bound
+        (*fields.values(), row["seq"], row["state"], row["attempts"]),
+    ).rowcount
+    if not changed:
+        raise JobConflict(f"job {row['id']} changed meanwhile; it is no longer {row['state']}")
+    return _row(conn, row["id"])
+
+
+def submit(spec: JobSpec, outbox_has_room: bool = True) -> Any:
+    def op(conn: sqlite3.Connection) -> tuple[dict[str, Any], bool]:
+        if spec.idempotency_key is not None:
+            existing = conn.execute(
+                "SELECT * FROM jobs WHERE idempotency_key = ?", (spec.idempotency_key,)
+            ).fetchone()
+            if existing is not None:
+                return _job_view(existing), False
+        if spec.report == "upstream" and not outbox_has_room:
+            raise OutboxFullForJobs(
+                "the outbox for headquarters is full; upstream jobs are refused until the "
+                "link is back and it drains (local jobs are still accepted)"
+            )
+        now = time.time()
+        job_id = "job-" + secrets.token_hex(12)
+        conn.execute(
+            "INSERT INTO jobs (id, state, kind, priority, request, idempotency_key, metadata, "
+            "report, attempts, max_attempts, created_at, updated_at, not_before, deadline) "
+            "VALUES (?, 'queued', ?, ?, ?, ?, ?, ?, 0, ?, ?, ?, 0, ?)",
+            (
+                job_id,
+                spec.kind,
+                spec.priority,
+                json.dumps(spec.request),
+                spec.idempotency_key,
+                json.dumps(spec.metadata) if spec.metadata is not None else None,
+                spec.report,
+                spec.max_attempts,
+                now,
+                now,
+                spec.deadline,
+            ),
+        )
+        return _job_view(_row(conn, job_id)), True
+
+    return op
+
+
+def position(job_id: str) -> Any:
+    def op(conn: sqlite3.Connection) -> int | None:
+        row = conn.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        return _position(conn, row) if row is not None else None
+
+    return op
+
+
+class OutboxFullForJobs(RequestError):
+    status_code = 507
+    error_type = "server_error"
+    code = "outbox_full"
+
+
+def get(job_id: str) -> Any:
+    def op(conn: sqlite3.Connection) -> tuple[dict[str, Any], int | None]:
+        row = _row(conn, job_id)
+        return _job_view(row), _position(conn, row)
+
+    return op
+
+
+def list_jobs(state: str | None, limit: int, cursor: int | None) -> Any:
+    if state is not None and state not in set(JobState):
+        raise InvalidRequest(
+            f"unknown state {state!r}; one of {', '.join(s.value for s in JobState)}", param="state"
+        )
+
+    def op(conn: sqlite3.Connection) -> tuple[list[dict[str, Any]], int | None]:
+        sql = "SELECT * FROM jobs WHERE seq > ?"
+        args: list[Any] = [cursor or 0]
+        if state is not None:
+            sql += " AND state = ?"
+            args.append(state)
+        rows = conn.execute(sql + " ORDER BY seq LIMIT ?", (*args, limit + 1)).fetchall()
+        more = len(rows) > limit
+        rows = rows[:limit]
+        return [_job_view(r) for r in rows], (rows[-1]["seq"] if more and rows else None)
+
+    return op
+
+
+def cancel(job_id: str) -> Any:
+    """Cancel a queued or running job; returns (job, was_running)."""
+
+    def op(conn: sqlite3.Connection) -> tuple[dict[str, Any], bool]:
+        row = _row(conn, job_id)
+        state = JobState(row["state"])
+        if state in FINAL:
+            raise JobConflict(f"job {job_id} is already {state}; it cannot be cancelled")
+        return _job_view(_transition(conn, row, JobEvent.CANCEL)), state == JobState.RUNNING
+
+    return op
+
+
+def claim(now: float) -> Any:
+    """Expire what is past its deadline, then start the most urgent job that is due."""
+
+    def op(conn: sqlite3.Connection) -> dict[str, Any] | None:
+        expired = conn.execute(
+            "SELECT * FROM jobs WHERE state = 'queued' AND deadline IS NOT NULL AND deadline < ?",
+            (now,),
+        ).fetchall()
+        for row in expired:
+            _transition(
+                conn,
+                row,
+                JobEvent.EXPIRE,
+                error=json.dumps({"code": "expired", "message": "deadline passed"}),
+            )
+        row = conn.execute(
+            "SELECT * FROM jobs WHERE state = 'queued' AND not_before <= ? "
+            "ORDER BY priority DESC, seq LIMIT 1",
+            (now,),
+        ).fetchone()
+        if row is None:
+            return None
+        started = _transition(
+            conn, row, JobEvent.START, attempts=row["attempts"] + 1, started_at=now
+        )
+        return _job_view(started)
+
+    return op
+
+
+def next_due(conn: sqlite3.Connection) -> float | None:
+    (due,) = conn.execute(
+        "SELECT min(not_before) FROM jobs INDEXED BY idx_jobs_due WHERE state = 'queued'"
+    ).fetchone()
+    return float(due) if due is not None else None
+
+
+def succeed(job: dict[str, Any], result: dict[str, Any]) -> Any:
+    """Store the result exactly once: only the attempt that is still running may."""
+
+    def op(conn: sqlite3.Connection) -> bool:
+        row = _row(conn, job["id"])
+        if row["state"] != JobState.RUNNING or row["attempts"] != job["attempts"]:
+            return False  # cancelled meanwhile, or a stale attempt
+        _transition(conn, row, JobEvent.SUCCEED, result=json.dumps(result))
+        if row["report"] == "upstream":
+            put_message(
+                conn,
+                OutboxClass.RESULT,
+                "result",
+                {
+                    "job_id": row["id"],
+                    "metadata": json.loads(row["metadata"] or "null"),
+                    "result": result,
+                },
+            )
+        return True
+
+    return op
+
+
+def fail(job: dict[str, Any], error: dict[str, Any], *, transient: bool) -> Any:
+    def op(conn: sqlite3.Connection) -> str | None:
+        row = _row(conn, job["id"])
+        if row["state"] != JobState.RUNNING or row["attempts"] != job["attempts"]:
+            return None
+        if not transient:
+            event = JobEvent.FAIL_PERMANENT
+        else:
+            event = failure_event(row["attempts"], row["max_attempts"])
+        extra: dict[str, Any] = {"error": json.dumps(error)}
+        if event == JobEvent.RETRY:
+            extra["not_before"] = time.time() + backoff_s(row["attempts"])
+        after = _transition(conn, row, event, **extra)
+        _report_if_final(conn, row, after, error)
+        return str(after["state"])
+
+    return op
+
+
+def recover(conn: sqlite3.Connection) -> int:
+    """At startup: jobs left running by a dead agent run again (their attempt counted)."""
+    rows = conn.execute("SELECT * FROM jobs WHERE state = 'running'").fetchall()
+    error = {"code": "interrupted", "message": "the agent stopped while the job ran"}
+    for row in rows:
+        event = JobEvent.RECOVER if row["attempts"] < row["max_attempts"] else JobEvent.GIVE_UP
+        after = _transition(conn, row, event, error=json.dumps(error))
+        _report_if_final(conn, row, after, error)
+    return len(rows)
+
+
+def _report_if_final(
+    conn: sqlite3.Connection, row: sqlite3.Row, after: sqlite3.Row, error: dict[str, Any]
+) -> None:
+    """An upstream job that ended without a result still tells headquarters how it ended."""
+    if after["state"] in FINAL and row["report"] == "upstream":
+        put_message(
+            conn,
+            OutboxClass.RESULT,
+            "result",
+            {
+                "job_id": row["id"],
+                "metadata": json.loads(row["metadata"] or "null"),
+                "error": error,
+                "state": after["state"],
+            },
+        )
+
+
+def prune(max_age_s: float, max_count: int) -> Any:
+    """Forget finished jobs older than max_age_s, and all but the newest max_count of them."""
+
+    def op(conn: sqlite3.Connection) -> int:
+        final = ", ".join(f"'{s.value}'" for s in FINAL)
+        removed = conn.execute(
+            f"DELETE FROM jobs WHERE state IN ({final}) AND finished_at < ?",  # noqa: S608  # constant list
+            (time.time() - max_age_s,),
+        ).rowcount
+        removed += conn.execute(
+            f"DELETE FROM jobs WHERE state IN ({final}) AND seq NOT IN (SELECT seq FROM jobs "  # noqa: S608  # constant list
+            f"WHERE state IN ({final}) ORDER BY finished_at DESC, seq DESC LIMIT ?)",
+            (max_count,),
+        ).rowcount
+        return removed
+
+    return op

@@ -1,0 +1,160 @@
+"""Runs queued jobs, one at a time, through the same scheduler as interactive requests.
+
+Jobs take the scheduler's background lane, so a person at the kiosk is served first and jobs
+still get their share. Failures are sorted by who is at fault: a request that can never work
+(bad fields, unknown model, too long) fails at once; a busy or failing runtime is retried with
+backoff until the job's attempts run out and it is dead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from contextlib import aclosing
+from typing import Any
+
+import structlog
+
+from edgelm_agent.api.openai_format import ChatFormatter, CompletionFormatter, Formatter, Usage
+from edgelm_agent.api.openai_schema import parse_chat, parse_completion
+from edgelm_agent.errors import EdgelmError, RequestError
+from edgelm_agent.inference.types import Finished, GenerationRequest, TextDelta
+from edgelm_agent.jobs import store
+from edgelm_agent.jobs.database import Database
+from edgelm_agent.serving import ModelHost
+
+log = structlog.get_logger(__name__)
+
+
+class JobWorker:
+    def __init__(
+        self,
+        db: Database,
+        host: ModelHost,
+        *,
+        retention_s: float,
+        retention_count: int,
+        idle_poll_s: float = 1.0,
+    ) -> None:
+        self.db = db
+        self.host = host
+        self.retention_s = retention_s
+        self.retention_count = retention_count
+        self.idle_poll_s = idle_poll_s
+        self._wake = asyncio.Event()
+        self._running: dict[str, asyncio.Task[Any]] = {}
+        self._cancelled: set[str] = set()
+        self._last_prune = 0.0
+
+    def wake(self) -> None:
+        """A job was submitted: look now rather than at the next poll."""
+        self._wake.set()
+
+    def cancel(self, job_id: str) -> None:
+        """Stop a running job (already marked cancelled in the database)."""
+        task = self._running.get(job_id)
+        if task is not None:
+            self._cancelled.add(job_id)
+            task.cancel()
+
+    async def run(self) -> None:
+        recovered = await self.db.run(store.recover)
+        if recovered:
+            log.info("jobs_recovered", count=recovered)
+        while True:
+            if self.host.active is None or self.host.draining:
+                # No model to run on: wait rather than spend the jobs' attempts on NotReady.
+                await self._idle()
+                continue
+            job = await self.db.run(store.claim(time.time()))
+            if job is None:
+                await self._idle()
+                continue
+            task = asyncio.get_running_loop().create_task(self._execute(job))
+            self._running[job["id"]] = task
+            try:
+                await asyncio.shield(task)  # our own cancellation (shutdown) is handled below
+            except asyncio.CancelledError:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+                raise  # the job stays "running" on disk and is recovered at the next start
+            finally:
+                self._running.pop(job["id"], None)
+
+    async def _idle(self) -> None:
+        now = time.time()
+        if now - self._last_prune > 60:
+            self._last_prune = now
+            await self.db.run(store.prune(self.retention_s, self.retention_count))
+        self._wake.clear()  # before the query: a wake() during it must not be lost
+        due = await self.db.read(store.next_due)
+        wait_s = self.idle_poll_s if due is None else max(0.0, min(self.idle_poll_s, due - now))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wake.wait(), wait_s)
+
+    async def _execute(self, job: dict[str, Any]) -> None:
+        job_id = job["id"]
+        log.info("job_started", job_id=job_id, attempt=job["attempts"])
+        try:
+            await self._attempt(job)
+        except asyncio.CancelledError:
+            # Cancelled through the API (already recorded as cancelled), at whatever await the
+            # job was: while generating or while its outcome was being stored. Only this job
+            # ends; a cancel for any other reason (shutdown) goes on up.
+            if job_id not in self._cancelled:
+                raise
+            self._cancelled.discard(job_id)
+            log.info("job_cancelled", job_id=job_id)
+
+    async def _attempt(self, job: dict[str, Any]) -> None:
+        job_id = job["id"]
+        try:
+            result = await self._generate(job)
+        except RequestError as exc:  # the request itself is wrong: retrying cannot help
+            await self.db.run(store.fail(job, _error(exc), transient=False))
+            log.info("job_failed", job_id=job_id, error=exc.code)
+            return
+        except EdgelmError as exc:  # busy, loading, runtime failure: worth another attempt
+            state = await self.db.run(store.fail(job, _error(exc), transient=True))
+            log.warning("job_attempt_failed", job_id=job_id, error=exc.code, now=state)
+            return
+        stored = await self.db.run(store.succeed(job, result))
+        log.info(
+            "job_succeeded",
+            job_id=job_id,
+            stored=stored,
+            completion_tokens=result["usage"]["completion_tokens"],
+        )
+
+    async def _generate(self, job: dict[str, Any]) -> dict[str, Any]:
+        request = {**job["request"], "stream": False}
+        formatter: Formatter
+        if job["kind"] == "chat":
+            chat = parse_chat(request)
+            model = self.host.resolve(chat.model)
+            tokens = await asyncio.to_thread(model.chat_prompt, chat.messages)
+            fields, formatter = chat.sampling, ChatFormatter(model.model_id)
+        else:
+            completion = parse_completion(request)
+            model = self.host.resolve(completion.model)
+            tokens = await asyncio.to_thread(model.text_prompt, completion.prompt)
+            fields, formatter = completion.sampling, CompletionFormatter(model.model_id)
+        params = model.sampling(fields, len(tokens))
+        generation = GenerationRequest(tuple(tokens), params, request_id=job["id"])
+        texts: list[str] = []
+        finished: Finished | None = None
+        async with aclosing(model.scheduler.generate(generation, background=True)) as batches:
+            async for batch in batches:
+                texts.extend(e.text for e in batch if isinstance(e, TextDelta))
+                if isinstance(batch[-1], Finished):
+                    finished = batch[-1]
+        assert finished is not None
+        return formatter.full(
+            "".join(texts), finished.reason, Usage(len(tokens), finished.completion_tokens)
+        )
+
+
+def _error(exc: EdgelmError) -> dict[str, Any]:
+    return {"code": exc.code, "type": exc.error_type, "message": str(exc)}

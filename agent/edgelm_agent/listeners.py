@@ -1,0 +1,104 @@
+"""Create the listening sockets: the Unix socket (mode 0660) and loopback TCP.
+
+We bind the sockets ourselves and hand them to aiohttp, so the permissions are right from the
+first moment the socket exists and a stale socket left by a crash is dealt with explicitly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import socket
+import stat
+from pathlib import Path
+
+from edgelm_agent.config import HttpListen
+from edgelm_agent.errors import ConfigError
+
+SOCKET_MODE = 0o660
+MAX_SOCKET_PATH_BYTES = 107  # sun_path is 108 bytes including the terminating NUL
+
+
+def lock_socket_path(path: Path) -> int:
+    """Hold ``<socket>.lock`` for the daemon's life, so two agents never race for one socket.
+
+    Without it, a second agent could probe the socket between the first one's bind() and
+    listen(), take it for stale, and delete it. The lock is released by the kernel when the
+    process dies, however it dies.
+    """
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(f"{path}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        raise ConfigError(f"cannot create {path}.lock: {exc.strerror}") from exc
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError as exc:
+        os.close(fd)
+        raise ConfigError(f"another process is serving on {path}; is an agent running?") from exc
+    return fd
+
+
+def bind_unix_socket(path: Path) -> socket.socket:
+    """Bind ``path`` with mode 0660, replacing a stale socket but never a file.
+
+    Call with :func:`lock_socket_path` held: then a socket file at ``path`` can only be a
+    leftover of an agent that died, since a live one would hold the lock.
+    """
+    encoded = os.fsencode(path)
+    if len(encoded) > MAX_SOCKET_PATH_BYTES:
+        raise ConfigError(
+            f"socket path {path} is {len(encoded)} bytes; Unix sockets allow at most "
+            f"{MAX_SOCKET_PATH_BYTES}"
+        )
+    try:
+        mode = path.lstat().st_mode
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        raise ConfigError(f"cannot inspect {path}: {exc.strerror}") from exc
+    else:
+        if not stat.S_ISSOCK(mode):
+            raise ConfigError(f"{path} exists and is not a socket; refusing to replace it")
+        path.unlink()  # stale: left behind by an agent that did not shut down cleanly
+
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    # umask narrows the mode at bind time, so no other user can connect in the moment between
+    # bind() and chmod().
+    old_umask = os.umask(0o117)
+    try:
+        sock.bind(str(path))
+    except OSError as exc:
+        sock.close()
+        raise ConfigError(f"cannot bind Unix socket {path}: {exc.strerror}") from exc
+    finally:
+        os.umask(old_umask)
+    os.chmod(path, SOCKET_MODE)
+    sock.listen(128)
+    sock.setblocking(False)
+    return sock
+
+
+def bind_tcp_socket(listen: HttpListen) -> socket.socket:
+    family = socket.AF_INET6 if ":" in listen.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((listen.host, listen.port))
+    except OSError as exc:
+        sock.close()
+        raise ConfigError(f"cannot listen on {listen}: {exc.strerror}") from exc
+    sock.listen(128)
+    sock.setblocking(False)
+    return sock
+
+
+def remove_socket_file(path: Path, inode: int) -> None:
+    """Remove our socket file at shutdown, unless another agent has replaced it meanwhile.
+
+    ``inode`` is the path's inode right after we bound it (``os.stat(path).st_ino``).
+    """
+    with contextlib.suppress(OSError):
+        if os.stat(path).st_ino == inode:
+            path.unlink()

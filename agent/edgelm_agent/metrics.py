@@ -1,0 +1,81 @@
+"""Prometheus metrics of one agent, on a registry the composition root owns (no globals)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from edgelm_agent.inference.scheduler import SchedulerHooks
+from edgelm_agent.inference.types import Finished
+
+# Buckets sized for small models on edge CPUs: TTFT from ~5 ms to tens of seconds on a Pi.
+TTFT_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+TOKENS_PER_S_BUCKETS = (1, 2, 5, 10, 20, 35, 50, 75, 100, 150, 200, 300, 500)
+WAIT_BUCKETS_S = (0.001, 0.01, 0.05, 0.1, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+
+class AgentMetrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "edgelm_requests", "HTTP requests by route and status", ["route", "status"], registry=r
+        )
+        self.tokens_generated = Counter(
+            "edgelm_tokens_generated", "Completion tokens generated", ["model"], registry=r
+        )
+        self.prompt_tokens = Counter(
+            "edgelm_prompt_tokens", "Prompt tokens processed", ["model"], registry=r
+        )
+        self.time_to_first_token = Histogram(
+            "edgelm_time_to_first_token_seconds",
+            "From request arrival to the first generated token",
+            ["model"],
+            buckets=TTFT_BUCKETS_S,
+            registry=r,
+        )
+        self.tokens_per_second = Histogram(
+            "edgelm_tokens_per_second",
+            "Decode speed of each generation",
+            ["model"],
+            buckets=TOKENS_PER_S_BUCKETS,
+            registry=r,
+        )
+        self.queue_depth = Gauge("edgelm_queue_depth", "Requests waiting for the model", registry=r)
+        self.queue_wait = Histogram(
+            "edgelm_queue_wait_seconds",
+            "Time a request waited for the model",
+            buckets=WAIT_BUCKETS_S,
+            registry=r,
+        )
+        self.model_load = Gauge(
+            "edgelm_model_load_seconds",
+            "How long the active model took to load",
+            ["model"],
+            registry=r,
+        )
+        self.generation_errors = Counter(
+            "edgelm_generation_errors",
+            "Generations that failed in the runtime",
+            ["model"],
+            registry=r,
+        )
+
+    def scheduler_hooks(self, model_id: str) -> SchedulerHooks:
+        tokens = self.tokens_generated.labels(model_id)
+        speed = self.tokens_per_second.labels(model_id)
+
+        def on_finished(finished: Finished) -> None:
+            tokens.inc(finished.completion_tokens)
+            if finished.tokens_per_s is not None:
+                speed.observe(finished.tokens_per_s)
+
+        errors = self.generation_errors.labels(model_id)
+        return SchedulerHooks(
+            on_queue_depth=self.queue_depth.set,
+            on_queue_wait=self.queue_wait.observe,
+            on_finished=on_finished,
+            on_failed=lambda exc: errors.inc(),
+        )
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,1 @@
+"""The model registry: signed metadata (TUF), content-addressed blobs, atomic activation."""

@@ -1,0 +1,104 @@
+"""Errors of the model registry, split like python-tuf's by who is at fault.
+
+::
+
+    RegistryError (EdgelmError)
+    ├── RepositoryError          the signed data or the model bytes are bad: never install
+    │   ├── VerificationError        bad or missing signatures, wrong keys, below threshold
+    │   ├── ExpiredMetadata          metadata past its expiry (by the last-known-good clock)
+    │   ├── RollbackAttack           a version older than one already trusted
+    │   ├── TargetMismatch           a blob whose length or hash differs from the signed one
+    │   ├── UnsafeTargetPath         a target name that could escape the store
+    │   ├── InvalidModelMetadata     a target without the custom fields the agent needs
+    │   └── MetadataTooLarge         metadata over its size limit (endless-data attack)
+    ├── DownloadError            the transport failed on every mirror
+    ├── InsufficientSpace        not enough free disk for the model plus the margin
+    ├── ModelNotInstalled        the caller named a model this device does not have
+    ├── RegistryBusy             another process (a running agent) holds the registry
+    └── ActivationFailed         the model failed to load or its health check; rolled back
+
+The python-tuf exceptions are translated at the boundary (``raise ... from exc``), so callers
+match on these classes and their attributes, never on strings.
+"""
+
+from __future__ import annotations
+
+from edgelm_agent.errors import EdgelmError
+
+
+class RegistryError(EdgelmError):
+    status_code = 500
+    error_type = "registry_error"
+    code = "registry_error"
+
+
+class RepositoryError(RegistryError):
+    """Data from the repository (or the blob on disk) failed verification."""
+
+    status_code = 422
+    code = "verification_failed"
+
+
+class VerificationError(RepositoryError):
+    code = "bad_signature"
+
+
+class ExpiredMetadata(RepositoryError):
+    code = "metadata_expired"
+
+
+class RollbackAttack(RepositoryError):
+    code = "rollback_detected"
+
+
+class TargetMismatch(RepositoryError):
+    code = "target_mismatch"
+
+
+class UnsafeTargetPath(RepositoryError):
+    code = "unsafe_target_path"
+
+
+class InvalidModelMetadata(RepositoryError):
+    code = "invalid_model_metadata"
+
+
+class MetadataTooLarge(RepositoryError):
+    code = "metadata_too_large"
+
+
+class DownloadError(RegistryError):
+    status_code = 502
+    code = "download_failed"
+
+
+class InsufficientSpace(RegistryError):
+    status_code = 507
+    code = "insufficient_space"
+
+    def __init__(self, *, needed_bytes: int, available_bytes: int, path: str) -> None:
+        super().__init__(
+            f"not enough disk space in {path}: need {needed_bytes} bytes (model plus margin), "
+            f"{available_bytes} available"
+        )
+        self.needed_bytes = needed_bytes
+        self.available_bytes = available_bytes
+
+
+class ModelNotInstalled(RegistryError):
+    status_code = 404
+    code = "model_not_installed"
+
+
+class RegistryBusy(RegistryError):
+    status_code = 409
+    code = "registry_busy"
+
+
+class ActivationFailed(RegistryError):
+    status_code = 422
+    code = "activation_failed"
+
+    def __init__(self, message: str, *, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason

@@ -1,0 +1,180 @@
+"""Where repository files come from: HTTP(S) mirrors and local folders, tried in order.
+
+A mirror is a base URL (``https://cp.example/repo``) or a folder (``/media/usb/repo``, the
+sideload case). Both serve the same tree (``metadata/…``, ``targets/…``) and get the same
+checks, because trust comes from the signatures, never from where the bytes came from.
+
+* :class:`MirrorFetcher` plugs into python-tuf's ngclient for metadata.
+* :func:`download_resumable` fetches model files with HTTP Range requests into a partial file,
+  so an interrupted download resumes where it stopped; at most the chunk in flight is lost.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import urllib3
+from tuf.api import exceptions as tuf_exceptions
+from tuf.ngclient.fetcher import FetcherInterface
+
+from edgelm_agent.registry.errors import DownloadError, TargetMismatch
+
+MIRROR_URL = "edgelm-mirror:///"  # what ngclient sees; the fetcher maps it onto each mirror
+CHUNK_BYTES = 1 << 20
+
+
+def _is_http(mirror: str) -> bool:
+    return mirror.startswith(("http://", "https://"))
+
+
+def _join(mirror: str, relative: str) -> str:
+    return mirror.rstrip("/") + "/" + relative
+
+
+class MirrorFetcher(FetcherInterface):
+    def __init__(
+        self,
+        mirrors: list[str],
+        *,
+        timeout_s: float = 30.0,
+        pool: urllib3.PoolManager | None = None,
+    ) -> None:
+        if not mirrors:
+            raise ValueError("at least one mirror is needed")
+        self.mirrors = mirrors
+        self._timeout = urllib3.Timeout(connect=timeout_s, read=timeout_s)
+        self._pool = pool or urllib3.PoolManager(retries=False)
+
+    def _fetch(self, url: str) -> Iterator[bytes]:
+        relative = url.removeprefix(MIRROR_URL)
+        failures: list[str] = []
+        not_found = 0
+        for mirror in self.mirrors:
+            try:
+                return self._open(mirror, relative)
+            except tuf_exceptions.DownloadHTTPError as exc:
+                not_found += exc.status_code == 404
+                failures.append(f"{mirror}: HTTP {exc.status_code}")
+            except (OSError, urllib3.exceptions.HTTPError) as exc:
+                failures.append(f"{mirror}: {exc}")
+        if not_found:  # ngclient reads 404 as "no newer root"; dead mirrors must not mask it
+            raise tuf_exceptions.DownloadHTTPError(f"{relative} not found on any mirror", 404)
+        raise tuf_exceptions.DownloadError(f"cannot fetch {relative}: " + "; ".join(failures))
+
+    def _open(self, mirror: str, relative: str) -> Iterator[bytes]:
+        if not _is_http(mirror):
+            path = Path(mirror) / relative
+            if not path.is_file():
+                raise tuf_exceptions.DownloadHTTPError(f"{path} not found", 404)
+            return _as_download_errors(_read_chunks(path, 0))
+        response = self._pool.request(
+            "GET", _join(mirror, relative), preload_content=False, timeout=self._timeout
+        )
+        if response.status != 200:
+            response.release_conn()
+            raise tuf_exceptions.DownloadHTTPError(f"HTTP {response.status}", response.status)
+        return _as_download_errors(_stream(response))
+
+
+def _as_download_errors(chunks: Iterator[bytes]) -> Iterator[bytes]:
+    """python-tuf translates errors raised by _fetch itself, not those raised while it reads
+    the iterator: a connection cut mid-body must still arrive as a DownloadError."""
+    try:
+        yield from chunks
+    except (OSError, urllib3.exceptions.HTTPError) as exc:
+        raise tuf_exceptions.DownloadError(f"transfer interrupted: {exc}") from exc
+
+
+def _read_chunks(path: Path, offset: int) -> Iterator[bytes]:
+    with open(path, "rb") as f:
+        f.seek(offset)
+        while chunk := f.read(CHUNK_BYTES):
+            yield chunk
+
+
+def _stream(response: urllib3.BaseHTTPResponse) -> Iterator[bytes]:
+    # read1 hands over whatever has arrived, up to a chunk; stream() would fill a whole chunk
+    # first and lose it all if the connection broke, so a resume would refetch it.
+    try:
+        while chunk := response.read1(CHUNK_BYTES):
+            yield chunk
+    finally:
+        response.release_conn()
+
+
+def download_resumable(
+    mirrors: list[str],
+    relative: str,
+    partial: Path,
+    length: int,
+    *,
+    progress: Callable[[int], None] = lambda n: None,
+    pool: urllib3.PoolManager | None = None,
+    timeout_s: float = 30.0,
+) -> int:
+    """Complete ``partial`` up to ``length`` bytes from the first mirror that serves it.
+
+    Returns the number of bytes fetched in this call. The caller checks the hash: this only
+    guarantees the length, and refuses a mirror that sends more than was signed.
+    """
+    pool = pool or urllib3.PoolManager(retries=False)
+    timeout = urllib3.Timeout(connect=timeout_s, read=timeout_s)
+    failures: list[str] = []
+    for mirror in mirrors:
+        have = partial.stat().st_size if partial.exists() else 0
+        if have > length:  # a leftover from another target of the same name: start over
+            partial.unlink()
+            have = 0
+        if have == length:
+            return 0
+        progress(have)
+        try:
+            if _is_http(mirror):
+                chunks, have = _http_range(pool, _join(mirror, relative), have, timeout)
+            else:
+                source = Path(mirror) / relative
+                if not source.is_file():
+                    raise FileNotFoundError(f"{source} not found")
+                chunks = _read_chunks(source, have)
+            return _append(partial, chunks, have, length, progress)
+        except TargetMismatch:
+            raise
+        except (OSError, urllib3.exceptions.HTTPError, DownloadError) as exc:
+            failures.append(f"{mirror}: {exc}")
+    raise DownloadError(f"cannot download {relative}: " + "; ".join(failures))
+
+
+def _http_range(
+    pool: urllib3.PoolManager, url: str, have: int, timeout: urllib3.Timeout
+) -> tuple[Iterator[bytes], int]:
+    headers = {"Range": f"bytes={have}-"} if have else {}
+    response = pool.request("GET", url, headers=headers, preload_content=False, timeout=timeout)
+    if response.status == 206:
+        return _stream(response), have
+    if response.status == 200:
+        return _stream(response), 0  # the server ignored Range: the whole file comes again
+    response.release_conn()
+    raise DownloadError(f"HTTP {response.status}")
+
+
+def _append(
+    partial: Path, chunks: Iterator[bytes], start: int, length: int, progress: Callable[[int], None]
+) -> int:
+    fetched = 0
+    mode = "r+b" if start and partial.exists() else "wb"
+    with open(partial, mode) as out:
+        out.seek(start)
+        out.truncate()
+        for chunk in chunks:
+            if start + fetched + len(chunk) > length:
+                raise TargetMismatch(f"mirror sent more than the signed length of {length} bytes")
+            out.write(chunk)
+            fetched += len(chunk)
+            progress(len(chunk))
+        out.flush()
+        os.fsync(out.fileno())
+    if start + fetched != length:
+        raise DownloadError(f"transfer ended at {start + fetched} of {length} bytes")
+    return fetched

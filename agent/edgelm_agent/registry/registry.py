@@ -1,0 +1,432 @@
+"""The model registry: every model on the device arrives, is kept and is checked through here.
+
+Layout under ``<state_dir>/registry``::
+
+    trust/root.json          the trust anchor: the root metadata this device starts from
+    metadata/                ngclient's verified metadata
+    local-repo/, local-keys/ standalone devices only: the device's own signed repository
+    blobs/ bundles/ staging/ the content-addressed store (see blob_store.py)
+    state.json               installed models, active, previous, pinned, history
+    clock.json               the last-known-good time
+    lock                     held by whoever is changing the registry (the running agent)
+
+Every path in goes through :meth:`Registry.install`, which takes a target from verified TUF
+metadata and a blob whose length and sha256 match it. :meth:`Registry.import_model` is how a
+standalone device adds a file: it signs the file into the local repository first, then installs
+it by the same path. Expired metadata stops installs, never the active model, whose verified
+target is kept in ``state.json`` and re-checked against its blob before each load.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import re
+import shutil
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from edgelm_agent.registry.atomic_file import write_atomic
+from edgelm_agent.registry.blob_store import BlobStore
+from edgelm_agent.registry.bundle import BundleFile, build_manifest, parse_manifest
+from edgelm_agent.registry.clock import LastKnownGoodClock
+from edgelm_agent.registry.errors import (
+    InvalidModelMetadata,
+    ModelNotInstalled,
+    RegistryBusy,
+    RegistryError,
+    TargetMismatch,
+)
+from edgelm_agent.registry.mirrors import download_resumable
+from edgelm_agent.registry.model_target import (
+    BACKEND_FOR_FORMAT,
+    BUNDLE_FILE,
+    ModelTarget,
+    check_name,
+    check_version,
+    target_path,
+)
+from edgelm_agent.registry.repository_writer import RepositoryWriter
+from edgelm_agent.registry.state import RegistryState, StateFile
+from edgelm_agent.registry.trust import TrustClient
+
+Progress = Callable[[str, int, int], None]  # (phase, bytes done, bytes total)
+GGUF_MAGIC = b"GGUF"
+
+
+def _no_progress(phase: str, done: int, total: int) -> None:
+    pass
+
+
+@dataclass(frozen=True)
+class RegistryConfig:
+    root: Path
+    #: Mirrors of the fleet's repository, tried in order; empty for a standalone device.
+    mirrors: tuple[str, ...] = ()
+    #: The fleet repository's root metadata, installed as trust anchor on first use.
+    trust_root: Path | None = None
+    free_margin_bytes: int = 256 << 20
+
+
+@dataclass(frozen=True)
+class VerifyResult:
+    ref: str
+    ok: bool
+    error: str | None = None
+
+
+def version_key(version: str) -> tuple[tuple[int, int | str], ...]:
+    """Order versions naturally: numbers as numbers (1.10 after 1.9), words as words."""
+    return tuple(
+        (0, int(part)) if part.isdigit() else (1, part) for part in re.split(r"[.+_-]", version)
+    )
+
+
+def name_from_filename(path: Path) -> str:
+    """A valid model name from a file or folder name: ``SmolLM2-135M.gguf`` → ``smollm2-135m``."""
+    stem = path.name.removesuffix(".gguf").lower()
+    cleaned = re.sub(r"[^a-z0-9._-]+", "-", stem).strip("-._") or "model"
+    return check_name(cleaned[:64])
+
+
+class Registry:
+    def __init__(
+        self, config: RegistryConfig, crash_point: Callable[[str], None] = lambda point: None
+    ) -> None:
+        self.config = config
+        self._crash_point = crash_point  # fault injection for the kill -9 tests
+        root = config.root
+        root.mkdir(parents=True, exist_ok=True)
+        self.blobs = BlobStore(root, free_margin_bytes=config.free_margin_bytes)
+        self.state_file = StateFile(root / "state.json")
+        self.clock = LastKnownGoodClock(root / "clock.json")
+        self._anchor_path = root / "trust" / "root.json"
+        self._local_repo_dir = root / "local-repo"
+        self._local_keys_dir = root / "local-keys"
+
+    # --- exclusive access ----------------------------------------------------------------------
+
+    @contextmanager
+    def locked(self) -> Iterator[None]:
+        """Hold the registry lock, or raise RegistryBusy if a running agent holds it."""
+        fd = os.open(self.config.root / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError as exc:
+                raise RegistryBusy(
+                    f"the registry in {self.config.root} is in use by a running agent; "
+                    "talk to it with --socket instead"
+                ) from exc
+            yield
+        finally:
+            os.close(fd)
+
+    # --- trust ---------------------------------------------------------------------------------
+
+    @property
+    def standalone(self) -> bool:
+        return not self.config.mirrors
+
+    def _mirrors(self) -> list[str]:
+        return list(self.config.mirrors) if self.config.mirrors else [str(self._local_repo_dir)]
+
+    def _anchor(self) -> bytes:
+        if self._anchor_path.exists():
+            return self._anchor_path.read_bytes()
+        if self.standalone:
+            writer = self._local_writer()
+            anchor = writer.root_bytes()
+        elif self.config.trust_root is not None:
+            anchor = self.config.trust_root.read_bytes()
+        else:
+            raise RegistryError("no trust root: set repository_root to the fleet's root.json")
+        write_atomic(self._anchor_path, anchor)
+        return anchor
+
+    def _local_writer(self) -> RepositoryWriter:
+        if (self._local_repo_dir / "metadata" / "timestamp.json").exists():
+            return RepositoryWriter.open(self._local_repo_dir, self._local_keys_dir)
+        self._local_keys_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        return RepositoryWriter.create(self._local_repo_dir, self._local_keys_dir)
+
+    def trust(self) -> TrustClient:
+        return TrustClient(
+            self.config.root / "metadata", self._anchor(), self._mirrors(), self.clock
+        )
+
+    def available(self) -> dict[str, ModelTarget]:
+        """Every model the trusted repository offers, after a metadata refresh."""
+        return {t.ref: t for t in self.trust().refresh().values()}
+
+    # --- state ---------------------------------------------------------------------------------
+
+    def state(self) -> RegistryState:
+        return self.state_file.load()
+
+    def save(self, state: RegistryState) -> None:
+        self.state_file.save(state)
+
+    # --- installing ----------------------------------------------------------------------------
+
+    def install(
+        self, name: str, version: str | None = None, progress: Progress = _no_progress
+    ) -> ModelTarget:
+        """Fetch, verify and record a model from the trusted repository (newest if no version)."""
+        trust = self.trust()
+        offered = trust.refresh()
+        candidates = [
+            path
+            for path in trust.paths()
+            if path.startswith(f"models/{check_name(name)}/")
+            and (version is None or path.split("/")[2] == version)
+        ]
+        if not candidates:
+            raise ModelNotInstalled(
+                f"the repository has no model {name}{'@' + version if version else ''}"
+            )
+        if version is None:  # the newest signed version: 10.0 after 9.0, not before
+            candidates.sort(key=lambda p: version_key(p.split("/")[2]))
+        path = candidates[-1]
+        target = offered.get(path) or trust.target(path)  # the latter raises the precise error
+        self._fetch(target, progress)
+        self._crash_point("install.before_commit")
+        self.save(self.state().installed(target))
+        return target
+
+    def _fetch(self, target: ModelTarget, progress: Progress) -> None:
+        directory = target.path.rsplit("/", 1)[0]
+        self._fetch_blob(
+            f"{directory}/{target.sha256}.{target.path.rsplit('/', 1)[1]}",
+            target.sha256,
+            target.length,
+            progress,
+        )
+        if target.is_bundle:
+            members = self._bundle_members(target)
+            total = sum(m.length for m in members)
+            done = 0
+            for member in members:
+                base = done
+
+                def on_member(phase: str, d: int, t: int, base: int = base) -> None:
+                    progress(phase, base + d, total)
+
+                self._fetch_blob(
+                    f"{directory}/files/{member.sha256}", member.sha256, member.length, on_member
+                )
+                done += member.length
+
+    def _fetch_blob(self, relative: str, sha256: str, length: int, progress: Progress) -> None:
+        if self.blobs.has(sha256, length):
+            return
+        self.blobs.ensure_space(length)
+        partial = self.blobs.staging / f"{sha256}.partial"
+        fetched = 0
+
+        def on_bytes(n: int) -> None:
+            nonlocal fetched
+            fetched += n
+            progress("download", fetched, length)
+
+        download_resumable(
+            [
+                f"{m}/targets"
+                if m.startswith(("http://", "https://"))
+                else str(Path(m) / "targets")
+                for m in self._mirrors()
+            ],
+            relative,
+            partial,
+            length,
+            progress=on_bytes,
+        )
+        self._crash_point("download.complete")
+        try:
+            self.blobs.commit(partial, sha256, length)
+        finally:
+            partial.unlink(missing_ok=True)
+
+    def _bundle_members(self, target: ModelTarget) -> list[BundleFile]:
+        manifest = self.blobs.blob_path(target.sha256).read_bytes()
+        return parse_manifest(manifest)
+
+    # --- standalone import ---------------------------------------------------------------------
+
+    def import_model(
+        self,
+        source: Path,
+        *,
+        name: str | None = None,
+        version: str | None = None,
+        context_length: int = 4096,
+        quantization: str = "unknown",
+        progress: Progress = _no_progress,
+    ) -> ModelTarget:
+        """Sign a local GGUF file or ONNX folder into this device's repository, then install it."""
+        if not self.standalone:
+            raise RegistryError(
+                "this device trusts a fleet repository; publish models there instead of importing"
+            )
+        if not source.exists():
+            raise ModelNotInstalled(f"{source} does not exist")
+        name = check_name(name) if name else name_from_filename(source)
+        fmt = "onnx" if source.is_dir() else "gguf"
+        if fmt == "gguf":
+            with open(source, "rb") as f:
+                if f.read(4) != GGUF_MAGIC:
+                    raise InvalidModelMetadata(f"{source} is not a GGUF file")
+        elif not (source / "genai_config.json").is_file():
+            raise InvalidModelMetadata(f"{source} is a folder without genai_config.json")
+        total = (
+            sum(p.stat().st_size for p in source.rglob("*") if p.is_file())
+            if fmt == "onnx"
+            else source.stat().st_size
+        )
+        done = 0
+
+        def on_bytes(n: int) -> None:
+            nonlocal done
+            done += n
+            progress("import", done, total)
+
+        writer = self._local_writer()
+        if fmt == "gguf":
+            sha256, _ = self.blobs.import_file(source, on_bytes)
+            filename = "model.gguf"
+            blob = self.blobs.blob_path(sha256)
+        else:
+            members = []
+            for path in sorted(p for p in source.rglob("*") if p.is_file()):
+                member_sha, member_len = self.blobs.import_file(path, on_bytes)
+                members.append(
+                    BundleFile(path.relative_to(source).as_posix(), member_len, member_sha)
+                )
+            sha256, _ = self.blobs.import_bytes(build_manifest(members))
+            filename = BUNDLE_FILE
+            blob = self.blobs.blob_path(sha256)
+        version = check_version(version) if version else f"sha256-{sha256[:12]}"
+        signed_path = target_path(name, version, filename)
+        existing = writer.targets().get(signed_path)
+        if existing is not None and existing.hashes.get("sha256") != sha256:
+            raise RegistryError(
+                f"{name}@{version} already exists with other content; "
+                "versions never change, so import under a new version"
+            )
+        custom = {
+            "edgelm": {
+                "name": name,
+                "version": version,
+                "format": fmt,
+                "backend": BACKEND_FOR_FORMAT[fmt],
+                "context_length": context_length,
+                "chat_template": None,
+                "quantization": quantization,
+                "min_ram_bytes": int(total * 1.2),
+                "sampling": {},
+                "health_check": {},
+            }
+        }
+        if existing is None:
+            if fmt == "onnx":
+                for member in members:
+                    writer.place_file(
+                        f"models/{name}/{version}/files/{member.sha256}",
+                        self.blobs.blob_path(member.sha256),
+                    )
+            self._crash_point("import.blob_stored")
+            writer.add_target(signed_path, blob, custom)
+            writer.publish()
+            self._crash_point("import.published")
+        return self.install(name, version, progress)
+
+    # --- using installed models ----------------------------------------------------------------
+
+    def find(self, ref: str) -> ModelTarget:
+        """An installed model by ``name@version``, or ``name`` for its only/newest version."""
+        models = self.state().models
+        if ref in models:
+            return models[ref]
+        named = sorted(
+            (t for t in models.values() if t.name == ref), key=lambda t: version_key(t.version)
+        )
+        if not named:
+            raise ModelNotInstalled(
+                f"model {ref} is not installed; installed: {', '.join(sorted(models)) or 'none'}"
+            )
+        return named[-1]
+
+    def verified_path(self, target: ModelTarget, progress: Progress = _no_progress) -> Path:
+        """Re-hash the model's blobs against its signed target; return the path to load."""
+        self.blobs.verify(
+            target.sha256, target.length, lambda n: progress("verify", n, target.length)
+        )
+        if not target.is_bundle:
+            return self.blobs.blob_path(target.sha256)
+        members = self._bundle_members(target)
+        for member in members:
+            self.blobs.verify(member.sha256, member.length)
+        folder = self.blobs.materialize_bundle(target.sha256, members)
+        for member in members:  # the folder's links must still point at the verified blobs
+            if (folder / member.path).stat().st_ino != self.blobs.blob_path(
+                member.sha256
+            ).stat().st_ino:
+                raise TargetMismatch(f"bundle folder {folder} does not match its blobs")
+        return folder
+
+    def verify(
+        self, ref: str | None = None, progress: Progress = _no_progress
+    ) -> list[VerifyResult]:
+        targets = [self.find(ref)] if ref else list(self.state().models.values())
+        results = []
+        for target in targets:
+            try:
+                self.verified_path(target, progress)
+                results.append(VerifyResult(target.ref, True))
+            except RegistryError as exc:
+                results.append(VerifyResult(target.ref, False, str(exc)))
+        return results
+
+    def pin(self, ref: str, pinned: bool = True) -> ModelTarget:
+        target = self.find(ref)
+        state = self.state()
+        pins = state.pinned | {target.ref} if pinned else state.pinned - {target.ref}
+        self.save(replace(state, pinned=frozenset(pins)))
+        return target
+
+    def gc(self) -> tuple[list[str], int]:
+        """Remove models other than the active, previous and pinned ones; free their blobs."""
+        before = self.state()
+        keep = before.keep()
+        removed = {ref for ref in before.models if ref not in keep}
+        state = before.removed(removed)
+        self.save(state)  # forget first: a crash here leaves unreferenced blobs, never the reverse
+        if self.standalone and removed:  # the local repository stops offering them too
+            writer = self._local_writer()
+            for ref in removed:
+                target = before.models[ref]
+                writer.remove_target(target.path)
+                shutil.rmtree(
+                    writer.targets_dir / "models" / target.name / target.version, ignore_errors=True
+                )
+            writer.publish()
+        referenced: set[str] = set()
+        bundles: set[str] = set()
+        for target in state.models.values():
+            referenced.add(target.sha256)
+            if target.is_bundle:
+                bundles.add(target.sha256)
+                referenced.update(m.sha256 for m in self._bundle_members(target))
+        freed = 0
+        for digest in self.blobs.blob_digests() - referenced:
+            freed += self.blobs.size_of(digest)
+            self.blobs.remove_blob(digest)
+        for digest in self.blobs.bundle_digests() - bundles:
+            self.blobs.remove_bundle(digest)
+        return sorted(removed), freed
+
+    def clear_interrupted_imports(self) -> None:
+        """Partial downloads stay to be resumed; half-done imports go."""
+        self.blobs.clear_staging(keep=lambda p: p.name.endswith(".partial"))

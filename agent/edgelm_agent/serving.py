@@ -1,0 +1,144 @@
+"""The model being served: a backend, its scheduler and its chat template, looked up by id.
+
+Handlers take a reference to a :class:`ServingModel` when a request arrives and keep it for the
+whole request, so a later switch of the active model never pulls a model out from under a
+running generation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from edgelm_agent.errors import ContextOverflow, InvalidRequest, ModelNotFound, NotReady
+from edgelm_agent.inference.backend import Backend
+from edgelm_agent.inference.chat_template import ChatMessage, ChatTemplate
+from edgelm_agent.inference.scheduler import Scheduler
+from edgelm_agent.inference.types import (
+    ModelInfo,
+    SamplingDefaults,
+    SamplingFields,
+    SamplingParams,
+)
+
+
+@dataclass
+class FailureStreak:
+    """Consecutive runtime failures; a model that keeps failing is not ready."""
+
+    limit: int = 3
+    count: int = 0
+
+    def failed(self) -> None:
+        self.count += 1
+
+    def succeeded(self) -> None:
+        self.count = 0
+
+    @property
+    def degraded(self) -> bool:
+        return self.count >= self.limit
+
+
+class ServingModel:
+    def __init__(
+        self,
+        backend: Backend,
+        scheduler: Scheduler,
+        *,
+        context_length: int,
+        defaults: SamplingDefaults | None = None,
+        health: FailureStreak | None = None,
+        version: str = "",
+        chat_template: str | None = None,
+    ) -> None:
+        self.backend = backend
+        self.scheduler = scheduler
+        self.context_length = context_length
+        self.defaults = defaults or SamplingDefaults()
+        self.health = health or FailureStreak()
+        self.version = version
+        info = backend.info
+        # A template in the signed metadata overrides the model file's own (which may be
+        # missing or wrong); either way it is the model publisher's, never the client's.
+        source = chat_template or info.chat_template
+        self._template = (
+            ChatTemplate(source, bos_token=info.bos_token, eos_token=info.eos_token)
+            if source
+            else None
+        )
+
+    @property
+    def info(self) -> ModelInfo:
+        return self.backend.info
+
+    @property
+    def model_id(self) -> str:
+        return self.backend.info.model_id
+
+    def chat_prompt(self, messages: Sequence[ChatMessage]) -> list[int]:
+        if self._template is None:
+            raise InvalidRequest(
+                f"model {self.model_id!r} has no chat template; use /v1/completions with a "
+                "plain prompt",
+                param="messages",
+            )
+        return self.backend.tokenize(self._template.render(messages))
+
+    def text_prompt(self, prompt: str) -> list[int]:
+        return self.backend.tokenize(prompt)
+
+    def sampling(self, fields: SamplingFields, prompt_tokens: int) -> SamplingParams:
+        """Fill defaults and check the context: by default a reply may use all that is left."""
+        if prompt_tokens == 0:
+            raise InvalidRequest("the prompt is empty", param="prompt")
+        room = self.context_length - prompt_tokens
+        max_tokens = fields.max_tokens if fields.max_tokens is not None else room
+        if max_tokens > room or room <= 0:
+            raise ContextOverflow(
+                prompt_tokens=prompt_tokens,
+                max_tokens=max(max_tokens, 1),
+                context_length=self.context_length,
+            )
+        d = self.defaults
+        return SamplingParams(
+            max_tokens=max_tokens,
+            temperature=d.temperature if fields.temperature is None else fields.temperature,
+            top_p=d.top_p if fields.top_p is None else fields.top_p,
+            top_k=d.top_k if fields.top_k is None else fields.top_k,
+            seed=fields.seed,
+            stop=fields.stop,
+        )
+
+
+class ModelHost:
+    """Holds the active model. Empty until the daemon has loaded one."""
+
+    def __init__(self) -> None:
+        self._active: ServingModel | None = None
+        self.draining = False
+
+    @property
+    def active(self) -> ServingModel | None:
+        return self._active
+
+    def set_active(self, model: ServingModel | None) -> None:
+        self._active = model
+
+    def models(self) -> list[ServingModel]:
+        return [self._active] if self._active is not None else []
+
+    def find(self, model_id: str) -> ServingModel:
+        """The model with this id, or ModelNotFound naming the ones there are."""
+        for model in self.models():
+            if model.model_id == model_id:
+                return model
+        raise ModelNotFound(model_id, [m.model_id for m in self.models()])
+
+    def resolve(self, model_id: str) -> ServingModel:
+        """The model to run a new request on: refuses while loading or shutting down."""
+        if self.draining:
+            raise NotReady("the agent is shutting down", retry_after_s=5)
+        if self._active is None:
+            raise NotReady("no model is loaded yet", retry_after_s=5)
+        return self.find(model_id)

@@ -1,0 +1,4 @@
+"""edgelm wire contract, shared by the agent and the control plane (sans-IO).
+
+Empty for now; the sync issue fills it.
+"""

@@ -1,0 +1,75 @@
+"""The job database under a full disk, and its migrations."""
+
+from __future__ import annotations
+
+import sqlite3
+
+import pytest
+
+from edgelm_agent.jobs import store
+from edgelm_agent.jobs.database import MIGRATIONS, Database, StorageFull, connect, migrate
+
+
+def spec(n: int) -> store.JobSpec:
+    return store.JobSpec(
+        kind="completion", request={"model": "m", "prompt": f"job {n} " + "x" * 2000}
+    )
+
+
+class TestFullDisk:
+    def test_full_disk_is_a_clear_error_and_loses_nothing(self, tmp_path):
+        """When the database cannot grow, submit fails with StorageFull, the jobs already
+        accepted are intact, and submitting works again once there is room."""
+        db = Database(tmp_path / "agent.db")
+        try:
+            db.run_sync(lambda c: c.execute("PRAGMA max_page_count = 40"))  # a "disk" of ~160 KB
+            accepted: list[str] = []
+
+            def fill() -> None:
+                for n in range(1000):
+                    job, _ = db.run_sync(store.submit(spec(n)))
+                    accepted.append(job["id"])
+
+            with pytest.raises(StorageFull, match="disk is full"):
+                fill()
+            assert accepted, "some jobs fit before the disk filled"
+            for job_id in accepted:
+                job, _ = db.run_sync(store.get(job_id))
+                assert job["state"] == "queued"
+            db.run_sync(lambda c: c.execute("PRAGMA max_page_count = 100000"))  # room again
+            job, created = db.run_sync(store.submit(spec(-1)))
+            assert created
+            assert job["state"] == "queued"
+        finally:
+            db.close()
+
+    def test_one_failing_operation_does_not_sink_its_group(self, tmp_path):
+        """An operation that raises is rolled back alone; the others in its commit group land."""
+        db = Database(tmp_path / "agent.db")
+        try:
+            good = db.submit(store.submit(spec(1)))
+            bad = db.submit(store.cancel("no-such-job"))
+            also_good = db.submit(store.submit(spec(2)))
+            assert good.result()[1]
+            assert also_good.result()[1]
+            with pytest.raises(store.JobNotFound):
+                bad.result()
+        finally:
+            db.close()
+
+
+class TestMigrations:
+    def test_each_migration_runs_once_in_order(self, tmp_path):
+        """Migrations apply in order, are recorded, and a second run applies nothing."""
+        conn = connect(tmp_path / "agent.db")
+        assert migrate(conn) == [name for name, _ in MIGRATIONS]
+        assert migrate(conn) == []
+        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        assert {"jobs", "outbox", "_migrations"} <= tables
+
+    def test_durability_settings(self, tmp_path):
+        """The database runs in WAL mode with synchronous=FULL, as documented."""
+        conn = connect(tmp_path / "agent.db")
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+        assert isinstance(conn, sqlite3.Connection)
