@@ -53,7 +53,8 @@ def session(agent: AgentProcess, timeout_s: float = 120) -> aiohttp.ClientSessio
 
 
 def db_rows(agent: AgentProcess, sql: str) -> list[dict[str, Any]]:
-    """Rows read straight from the agent's SQLite file (the agent must not be running)."""
+    """Rows read straight from the agent's SQLite file (beside a running agent too: WAL lets a
+    reader see every committed transaction without blocking the writer)."""
     conn = sqlite3.connect(agent.workdir / "state" / "agent.db")
     conn.row_factory = sqlite3.Row
     try:
@@ -468,6 +469,21 @@ class TestIdempotency:
         assert after_run["state"] == done["state"] == "succeeded"
         assert [j["id"] for j in keyed] == [first["id"]]
 
+    async def test_same_key_with_another_body_is_refused(self, api_agent: AgentProcess) -> None:
+        """A key replayed with a different submission is 422, not someone else's job; a retry
+        that differs only in its TTL is the same submission."""
+        key = f"idem-{uuid.uuid4().hex}"
+        async with session(api_agent) as s:
+            first = await submit(s, job_body("good", 3, idempotency_key=key, ttl_s=60))
+            retry = await submit(s, job_body("good", 3, idempotency_key=key, ttl_s=60), status=200)
+            async with s.post(f"{URL}/v1/jobs", json=job_body("good", 4, idempotency_key=key)) as r:
+                error = await refused(r, 422, param="idempotency_key")
+            keyed = [j for j in await list_all(s) if j["idempotency_key"] == key]
+        assert retry["id"] == first["id"]
+        assert error["code"] == "idempotency_key_reused"
+        assert first["id"] in error["message"]
+        assert [j["id"] for j in keyed] == [first["id"]]
+
 
 class TestCancel:
     async def test_cancelled_queued_job_never_runs(self, api_agent: AgentProcess) -> None:
@@ -476,7 +492,7 @@ class TestCancel:
             blocker = await submit(s, job_body("hello", LONG_TOKENS))
             try:
                 await wait_state(s, blocker["id"], {"running"})
-                waiting = await submit(s, job_body("good", 3))
+                waiting = await submit(s, job_body("good", 3, report="upstream"))
                 assert waiting["state"] == "queued"
                 assert waiting["position"] is not None
                 status, cancelled = await cancel(s, waiting["id"])
@@ -493,6 +509,10 @@ class TestCancel:
         assert job["result"] is None
         assert job["position"] is None
         assert not logged(api_agent, "job_started", job_id=waiting["id"])
+        # headquarters hears how it ended, once
+        [told] = [m for m in result_messages(api_agent) if m["job_id"] == waiting["id"]]
+        assert told["state"] == "cancelled"
+        assert told["error"]["code"] == "cancelled"
 
     async def test_cancelled_running_job_stops_and_the_next_runs(
         self, api_agent: AgentProcess
@@ -530,7 +550,7 @@ class TestExpiry:
             blocker = await submit(s, job_body("hello", LONG_TOKENS))
             try:
                 await wait_state(s, blocker["id"], {"running"})
-                doomed = await submit(s, job_body("good", 3, ttl_s=1))
+                doomed = await submit(s, job_body("good", 3, ttl_s=1, report="upstream"))
                 patient = await submit(s, job_body("good", 3, ttl_s=600))
                 assert doomed["state"] == "queued"
                 assert doomed["deadline"] == pytest.approx(doomed["created_at"] + 1)
@@ -546,6 +566,9 @@ class TestExpiry:
         assert expired["error"]["code"] == "expired"
         assert not logged(api_agent, "job_started", job_id=doomed["id"])
         assert ran["state"] == "succeeded"
+        [told] = [m for m in result_messages(api_agent) if m["job_id"] == doomed["id"]]
+        assert told["state"] == "expired"
+        assert told["error"]["code"] == "expired"
 
 
 class TestPaging:

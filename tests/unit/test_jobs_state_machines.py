@@ -176,8 +176,6 @@ class ModelJob:
     result: dict[str, Any] | None = None
     #: The view claim() returned for each attempt: what the worker holds while it runs.
     views: list[dict[str, Any]] = field(default_factory=list)
-    #: Finished through succeed() or fail(): an upstream job's outbox message is due.
-    reported: bool = False
 
 
 @dataclass(frozen=True)
@@ -262,7 +260,7 @@ class StoreMachine(RuleBasedStateMachine):
             priority=sub.priority,
             deadline=None if sub.ttl is None else self.now + sub.ttl,
             idempotency_key=sub.key,
-            metadata={"n": len(self.order)},
+            metadata={"line": 3},
             report="upstream" if sub.upstream else "local",
             max_attempts=sub.max_attempts,
         )
@@ -271,6 +269,16 @@ class StoreMachine(RuleBasedStateMachine):
             with pytest.raises(store.OutboxFullForJobs):
                 self.db.run_sync(store.submit(spec, sub.room))
             return
+        if earlier is not None:
+            first = self.jobs[earlier]
+            if (first.priority, first.max_attempts, first.report) != (
+                sub.priority,
+                sub.max_attempts,
+                spec.report,
+            ):  # the key replayed with another payload: refused, nothing new
+                with pytest.raises(store.IdempotencyKeyReused):
+                    self.db.run_sync(store.submit(spec, sub.room))
+                return
         view, created = self.db.run_sync(store.submit(spec, sub.room))
         if earlier is not None:  # the key is known: the earlier job, nothing new
             assert not created
@@ -353,7 +361,6 @@ class StoreMachine(RuleBasedStateMachine):
             else:
                 assert state == "dead"
                 job.state = "dead"
-        job.reported = job.state in TERMINAL and job.report == "upstream"
 
     @precondition(lambda self: bool(self.stale_views()))
     @rule(data=st.data(), outcome=st.sampled_from(["succeed", "transient", "permanent"]))
@@ -433,14 +440,17 @@ class StoreMachine(RuleBasedStateMachine):
         for job in self.jobs.values():
             assert positions[job.id] == self.expected_position(job)
 
+        # Each upstream job that ended, however it ended, is reported exactly once, with the
+        # state it ended in; no other job is.
         sent = Counter(m["job_id"] for m in view["messages"])
-        assert all(n == 1 for n in sent.values()), sent  # never twice
-        for job_id in sent:
-            assert self.jobs[job_id].report == "upstream"
-            assert self.jobs[job_id].state in TERMINAL
         for job in self.jobs.values():
-            if job.reported:
-                assert sent[job.id] == 1, job  # never missing
+            due = job.report == "upstream" and job.state in TERMINAL
+            assert sent[job.id] == (1 if due else 0), (job, sent[job.id])
+        for message in view["messages"]:
+            job = self.jobs[message["job_id"]]
+            assert message["state"] == job.state
+            assert ("result" in message) == (job.state == "succeeded")
+            assert ("error" in message) == (job.state != "succeeded")
 
 
 class TestStore:

@@ -132,11 +132,18 @@ def _migration_outbox_autoincrement(db: sqlite_utils.Database) -> None:
     db.execute("CREATE INDEX idx_outbox_class_seq ON outbox (class, seq)")
 
 
+def _migration_idempotency_fingerprint(db: sqlite_utils.Database) -> None:
+    # A key reused for a different submission is a client bug that would otherwise hand back
+    # someone else's job silently; the fingerprint lets submit() tell the two apart.
+    db.table("jobs").add_column("fingerprint", str)
+
+
 MIGRATIONS: tuple[tuple[str, Callable[[sqlite_utils.Database], None]], ...] = (
     ("0001_jobs", _migration_jobs),
     ("0002_outbox", _migration_outbox),
     ("0003_queue_indexes", _migration_queue_indexes),
     ("0004_outbox_autoincrement", _migration_outbox_autoincrement),
+    ("0005_idempotency_fingerprint", _migration_idempotency_fingerprint),
 )
 
 

@@ -9,6 +9,7 @@ each result is stored exactly once, together with its outbox message in one tran
 
 from __future__ import annotations
 
+import hashlib
 import json
 import secrets
 import sqlite3
@@ -38,6 +39,13 @@ class JobConflict(RequestError):
     code = "job_conflict"
 
 
+class IdempotencyKeyReused(RequestError):
+    """The IETF Idempotency-Key draft's answer to a key replayed with another payload."""
+
+    status_code = 422
+    code = "idempotency_key_reused"
+
+
 @dataclass(frozen=True)
 class JobSpec:
     """A validated submission (see :mod:`edgelm_agent.api.jobs_routes` for the wire form)."""
@@ -50,6 +58,20 @@ class JobSpec:
     metadata: dict[str, Any] | None = None
     report: str = "local"  # or "upstream": the result goes to the outbox too
     max_attempts: int = 3
+
+    def fingerprint(self) -> str:
+        """What makes two submissions the same job. The deadline is left out: a retry with the
+        same ``ttl_s`` computes a later one."""
+        same = {
+            "kind": self.kind,
+            "request": self.request,
+            "priority": self.priority,
+            "metadata": self.metadata,
+            "report": self.report,
+            "max_attempts": self.max_attempts,
+        }
+        canonical = json.dumps(same, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()
 
 
 def _job_view(row: sqlite3.Row) -> dict[str, Any]:
@@ -112,12 +134,20 @@ def _transition(
 
 
 def submit(spec: JobSpec, outbox_has_room: bool = True) -> Any:
+    fingerprint = spec.fingerprint()
+
     def op(conn: sqlite3.Connection) -> tuple[dict[str, Any], bool]:
         if spec.idempotency_key is not None:
             existing = conn.execute(
                 "SELECT * FROM jobs WHERE idempotency_key = ?", (spec.idempotency_key,)
             ).fetchone()
             if existing is not None:
+                if existing["fingerprint"] not in (None, fingerprint):
+                    raise IdempotencyKeyReused(
+                        f"idempotency key {spec.idempotency_key!r} was already used for a "
+                        f"different submission (job {existing['id']}); use a new key",
+                        param="idempotency_key",
+                    )
                 return _job_view(existing), False
         if spec.report == "upstream" and not outbox_has_room:
             raise OutboxFullForJobs(
@@ -128,8 +158,8 @@ def submit(spec: JobSpec, outbox_has_room: bool = True) -> Any:
         job_id = "job-" + secrets.token_hex(12)
         conn.execute(
             "INSERT INTO jobs (id, state, kind, priority, request, idempotency_key, metadata, "
-            "report, attempts, max_attempts, created_at, updated_at, not_before, deadline) "
-            "VALUES (?, 'queued', ?, ?, ?, ?, ?, ?, 0, ?, ?, ?, 0, ?)",
+            "report, attempts, max_attempts, created_at, updated_at, not_before, deadline, "
+            "fingerprint) VALUES (?, 'queued', ?, ?, ?, ?, ?, ?, 0, ?, ?, ?, 0, ?, ?)",
             (
                 job_id,
                 spec.kind,
@@ -142,6 +172,7 @@ def submit(spec: JobSpec, outbox_has_room: bool = True) -> Any:
                 now,
                 now,
                 spec.deadline,
+                fingerprint,
             ),
         )
         return _job_view(_row(conn, job_id)), True
@@ -199,7 +230,10 @@ def cancel(job_id: str) -> Any:
         state = JobState(row["state"])
         if state in FINAL:
             raise JobConflict(f"job {job_id} is already {state}; it cannot be cancelled")
-        return _job_view(_transition(conn, row, JobEvent.CANCEL)), state == JobState.RUNNING
+        error = {"code": "cancelled", "message": "cancelled on the device"}
+        after = _transition(conn, row, JobEvent.CANCEL, error=json.dumps(error))
+        _report_if_final(conn, after, {"error": error})
+        return _job_view(after), state == JobState.RUNNING
 
     return op
 
@@ -212,13 +246,10 @@ def claim(now: float) -> Any:
             "SELECT * FROM jobs WHERE state = 'queued' AND deadline IS NOT NULL AND deadline < ?",
             (now,),
         ).fetchall()
+        error = {"code": "expired", "message": "deadline passed before the job could run"}
         for row in expired:
-            _transition(
-                conn,
-                row,
-                JobEvent.EXPIRE,
-                error=json.dumps({"code": "expired", "message": "deadline passed"}),
-            )
+            after = _transition(conn, row, JobEvent.EXPIRE, error=json.dumps(error))
+            _report_if_final(conn, after, {"error": error})
         row = conn.execute(
             "SELECT * FROM jobs WHERE state = 'queued' AND not_before <= ? "
             "ORDER BY priority DESC, seq LIMIT 1",
@@ -248,18 +279,8 @@ def succeed(job: dict[str, Any], result: dict[str, Any]) -> Any:
         row = _row(conn, job["id"])
         if row["state"] != JobState.RUNNING or row["attempts"] != job["attempts"]:
             return False  # cancelled meanwhile, or a stale attempt
-        _transition(conn, row, JobEvent.SUCCEED, result=json.dumps(result))
-        if row["report"] == "upstream":
-            put_message(
-                conn,
-                OutboxClass.RESULT,
-                "result",
-                {
-                    "job_id": row["id"],
-                    "metadata": json.loads(row["metadata"] or "null"),
-                    "result": result,
-                },
-            )
+        after = _transition(conn, row, JobEvent.SUCCEED, result=json.dumps(result))
+        _report_if_final(conn, after, {"result": result})
         return True
 
     return op
@@ -278,7 +299,7 @@ def fail(job: dict[str, Any], error: dict[str, Any], *, transient: bool) -> Any:
         if event == JobEvent.RETRY:
             extra["not_before"] = time.time() + backoff_s(row["attempts"])
         after = _transition(conn, row, event, **extra)
-        _report_if_final(conn, row, after, error)
+        _report_if_final(conn, after, {"error": error})
         return str(after["state"])
 
     return op
@@ -291,24 +312,24 @@ def recover(conn: sqlite3.Connection) -> int:
     for row in rows:
         event = JobEvent.RECOVER if row["attempts"] < row["max_attempts"] else JobEvent.GIVE_UP
         after = _transition(conn, row, event, error=json.dumps(error))
-        _report_if_final(conn, row, after, error)
+        _report_if_final(conn, after, {"error": error})
     return len(rows)
 
 
-def _report_if_final(
-    conn: sqlite3.Connection, row: sqlite3.Row, after: sqlite3.Row, error: dict[str, Any]
-) -> None:
-    """An upstream job that ended without a result still tells headquarters how it ended."""
-    if after["state"] in FINAL and row["report"] == "upstream":
+def _report_if_final(conn: sqlite3.Connection, after: sqlite3.Row, outcome: dict[str, Any]) -> None:
+    """Every upstream job tells headquarters how it ended, exactly once: with its result, or
+    with the error that ended it (failed, dead, cancelled or expired). It is written in the
+    transaction that makes the job final, so a crash cannot lose or repeat it."""
+    if after["state"] in FINAL and after["report"] == "upstream":
         put_message(
             conn,
             OutboxClass.RESULT,
             "result",
             {
-                "job_id": row["id"],
-                "metadata": json.loads(row["metadata"] or "null"),
-                "error": error,
+                "job_id": after["id"],
                 "state": after["state"],
+                "metadata": json.loads(after["metadata"] or "null"),
+                **outcome,
             },
         )
 
