@@ -16,12 +16,15 @@ import gc
 import hashlib
 import random
 import shutil
+import signal
 import threading
+import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
+import aiohttp
 import pytest
 from aiohttp import web
 from securesystemslib.signer import Signer
@@ -44,7 +47,7 @@ from edgelm_agent.registry.model_target import ModelTarget
 from edgelm_agent.registry.registry import Registry, RegistryConfig
 from edgelm_agent.registry.repository_writer import RepositoryWriter, generate_key
 from edgelm_agent.registry.trust import TrustLimits
-from tests.agent_process import TINY_GGUF, free_port
+from tests.agent_process import TINY_GGUF, AgentProcess, free_port
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -125,11 +128,13 @@ def _range_start(header: str | None) -> int:
 
 class BreakingFile:
     """Serves ``data`` with Range support; the first response drops the connection after
-    ``cut`` bytes of the body, having promised all of it in Content-Length."""
+    ``cut`` bytes of the body, having promised all of it in Content-Length. With ``stall`` it
+    goes silent instead, the way a dying link looks, and keeps the client waiting mid-body."""
 
-    def __init__(self, data: bytes, cut: int) -> None:
+    def __init__(self, data: bytes, cut: int, *, stall: bool = False) -> None:
         self.data = data
         self.cut = cut
+        self.stall = stall
         self.responses: list[Served] = []
 
     async def __call__(self, request: web.Request) -> web.StreamResponse:
@@ -148,6 +153,8 @@ class BreakingFile:
         chunk = body[: self.cut] if first else body
         served.sent += len(chunk)  # counted before it can reach the client
         await response.write(chunk)
+        if first and self.stall:
+            await asyncio.sleep(3600)  # cancelled when the server shuts down
         if first:
             assert request.transport is not None
             request.transport.close()  # flushes what was written, then hangs up mid-body
@@ -952,3 +959,88 @@ class TestMirrors:
         assert usb.verified_path(target).read_bytes() == model_bytes("tiny", "2.0")
         assert set(usb.state().models) == {"tiny@1.0", "tiny@2.0"}
         assert usb.state().active == before.active
+
+
+class TestKillDuringDownload:
+    @pytest.mark.timeout(300)
+    async def test_agent_killed_mid_download_serves_the_old_model_then_resumes(
+        self, fleet: Fleet, short_tmp: Path
+    ) -> None:
+        """kill -9 of an agent halfway through downloading a new model: it restarts serving the
+        old one, keeps the unverified partial file in staging, and the next install fetches only
+        the rest before the new model activates."""
+        workdir = short_tmp / "device"  # the agent's state directory is workdir/state
+        device = Registry(replace(fleet.device().config, root=workdir / "state" / "registry"))
+        install_active(device)  # tiny@1.0, installed and active before the agent starts
+        data = model_bytes("tiny", "2.0")
+        info = fleet.publish_model("tiny", "2.0")
+        stalling = BreakingFile(data, len(data) // 2, stall=True)
+        fleet.server.overrides[fleet.blob_url_path(info)] = stalling
+        env = {
+            "EDGELM_REPOSITORY_MIRRORS": fleet.server.url,
+            "EDGELM_REPOSITORY_ROOT": str(fleet.anchor),
+            "EDGELM_DISK_MARGIN_BYTES": "0",
+        }
+        partial = device.blobs.staging / f"{info.hashes['sha256']}.partial"
+
+        agent = AgentProcess(workdir, model=None, env=env).wait_ready()
+        try:
+            async with agent.unix_session() as s:
+                install = asyncio.create_task(
+                    s.post(f"{AGENT}/v1/registry/install", json={"name": "tiny", "version": "2.0"})
+                )
+                deadline = time.monotonic() + 60
+                while not (stalling.responses and stalling.responses[0].sent and _size(partial)):
+                    assert not install.done(), await install
+                    assert time.monotonic() < deadline, agent.logs()
+                    await asyncio.sleep(0.02)
+                agent.proc.kill()  # SIGKILL mid-body: no cleanup of any kind
+                assert agent.wait() == -signal.SIGKILL
+                with pytest.raises(aiohttp.ClientError):
+                    await install
+        finally:
+            agent.stop()
+        kept = _size(partial)
+        assert 0 < kept <= stalling.cut
+
+        again = AgentProcess(workdir, model=None, env=env).wait_ready()
+        try:
+            async with again.unix_session() as s:
+                assert await _active(s) == "tiny@1.0"  # the old model, verified, serves
+                async with s.post(
+                    f"{AGENT}/v1/completions",
+                    json={"model": "tiny", "prompt": "good", "max_tokens": 3},
+                ) as r:
+                    assert r.status == 200, await r.text()
+                async with s.post(
+                    f"{AGENT}/v1/registry/install", json={"name": "tiny", "version": "2.0"}
+                ) as r:
+                    assert r.status == 201, await r.text()
+                async with s.post(f"{AGENT}/v1/registry/activate", json={"model": "tiny@2.0"}) as r:
+                    assert r.status == 200, await r.text()
+                assert await _active(s) == "tiny@2.0"
+        finally:
+            again.stop()
+
+        first, second = stalling.responses
+        assert first.range_start == 0
+        assert (second.range_start, second.sent) == (kept, len(data) - kept)  # only the rest
+        assert not partial.exists()
+        assert all(result.ok for result in device.verify())
+
+
+AGENT = "http://localhost"
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
+
+
+async def _active(s: aiohttp.ClientSession) -> str:
+    async with s.get(f"{AGENT}/v1/registry/models") as r:
+        assert r.status == 200, await r.text()
+        active: str = (await r.json())["active"]
+        return active
