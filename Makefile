@@ -49,6 +49,7 @@ bench: install model
 	$(PY) bench/serving.py --model $(MODEL)
 	$(PY) bench/registry.py --model $(MODEL)
 	$(PY) bench/jobs.py
+	$(PY) bench/footprint.py --model $(MODEL)
 
 # Regenerating the committed test models needs torch; see tests/fixtures/*.py.
 fixtures:

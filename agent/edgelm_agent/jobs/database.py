@@ -24,12 +24,14 @@ import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
-import sqlite_utils
 import structlog
 
 from edgelm_agent.errors import EdgelmError
+
+if TYPE_CHECKING:
+    import sqlite_utils
 
 log = structlog.get_logger(__name__)
 T = TypeVar("T")
@@ -154,10 +156,15 @@ def migrate(conn: sqlite3.Connection) -> list[str]:
         "applied_at TEXT NOT NULL DEFAULT CURRENT_TIMESTAMP)"
     )
     done = {row[0] for row in conn.execute("SELECT name FROM _migrations")}
+    pending = [(name, apply) for name, apply in MIGRATIONS if name not in done]
+    if not pending:
+        return []
+    # Imported only when a migration is due: sqlite_utils imports numpy whenever it is
+    # installed, which would cost an idle agent on an up-to-date database about 16 MB.
+    import sqlite_utils
+
     applied = []
-    for name, apply in MIGRATIONS:
-        if name in done:
-            continue
+    for name, apply in pending:
         conn.execute("BEGIN IMMEDIATE")
         try:
             apply(sqlite_utils.Database(conn))
