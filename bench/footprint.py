@@ -9,7 +9,8 @@ idle. Three configurations:
   agent is on every boot but the first. It is ready (``/healthz`` answers and it has logged
   ``agent_ready``), then left alone for ``--settle-s`` seconds before the reading.
 * **no model, first start**: the same on a fresh state directory, where the agent also creates
-  its job database; the migrations import sqlite_utils, which imports numpy when installed.
+  its job database: the migrations import sqlite_utils (which the agent keeps from importing
+  numpy).
 * **tiny-llama.gguf** (the test suite's 0.8 MB random-weight model) and the default model
   (``--model``; skipped, with a note, if the file is missing), for context: read once idle after
   the model loaded (activation already runs the agent's health check, a short generation), and
@@ -28,7 +29,7 @@ Figures, all from the agent's own process (it starts no children), in MB = 10^6 
 * anonymous RSS (RssAnon): the heap and other private memory, as opposed to mapped files.
 
 Which large libraries the process has mapped is read from /proc/PID/maps: numpy, for instance,
-is imported by sqlite_utils whenever it is installed, which the agent's job queue uses. For
+which sqlite_utils would import whenever it is installed, were the agent not keeping it out. For
 scale, the script also reads the VmRSS of a bare Python interpreter and of one that imported
 numpy, each the median of ``--repeats`` fresh processes.
 
@@ -209,7 +210,7 @@ def one_start(
 ) -> StartResult:
     """Measure one agent. ``restarted`` measures its second start on the same state directory,
     the everyday case: the first start also creates the job database, and the migrations it
-    runs import sqlite_utils, which imports numpy."""
+    runs import sqlite_utils."""
     options = [] if model is None else ["--model", str(model)]
     if restarted:
         first = harness.AgentProcess("the agent, first start", workdir, *options)
@@ -296,7 +297,8 @@ class Verdict:
         margin = BUDGET_MB - r.rss_mb_max
         pss = "n/a" if r.pss_mb is None else f"{r.pss_mb:.1f} MB"
         return (
-            f'"{BUDGET}" **{"met" if self.met else "missed"}**: VmRSS {r.rss_mb:.1f} MB median '
+            f'"{BUDGET}" **{"met" if self.met else "missed"}**: the worse case is "{r.model}", '
+            f"VmRSS {r.rss_mb:.1f} MB median "
             f"(p25..p75 {r.rss_mb_p25:.1f}..{r.rss_mb_p75:.1f}), {r.rss_mb_max:.1f} MB at most "
             f"over all starts ({r.rss_mb_max * MB / MIB:.1f} MiB), {abs(margin):.1f} MB "
             f"{'below' if margin > 0 else 'above'} the budget; the peak since start (VmHWM) "
@@ -339,7 +341,9 @@ class Report:
 
     @property
     def verdict(self) -> Verdict:
-        return Verdict(next(r for r in self.rows if r.config == NO_MODEL))
+        # Judged on the worse of the two starts without a model: "stays under" holds for both.
+        without = [r for r in self.rows if r.config in (NO_MODEL, FIRST_START)]
+        return Verdict(max(without, key=lambda r: r.rss_mb_max))
 
     def as_json(self) -> dict[str, Any]:
         return {

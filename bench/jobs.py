@@ -202,13 +202,14 @@ def raw_connection(path: Path) -> sqlite3.Connection:
 
 RAW_INSERT = (
     "INSERT INTO jobs (id, state, kind, priority, request, idempotency_key, metadata, "
-    "report, attempts, max_attempts, created_at, updated_at, not_before, deadline) "
-    "VALUES (?, 'queued', ?, ?, ?, ?, ?, ?, 0, ?, ?, ?, 0, ?)"
+    "report, attempts, max_attempts, created_at, updated_at, not_before, deadline, "
+    "fingerprint) VALUES (?, 'queued', ?, ?, ?, ?, ?, ?, 0, ?, ?, ?, 0, ?, ?)"
 )
 
 
 def raw_row(spec: store.JobSpec) -> tuple[Any, ...]:
-    """The values ``store.submit`` inserts, built the same way (id, JSON, timestamps)."""
+    """The values ``store.submit`` inserts, built the same way (id, JSON, timestamps,
+    idempotency fingerprint)."""
     now = time.time()
     return (
         "job-" + secrets.token_hex(12),
@@ -222,6 +223,7 @@ def raw_row(spec: store.JobSpec) -> tuple[Any, ...]:
         now,
         now,
         spec.deadline,
+        spec.fingerprint(),
     )
 
 

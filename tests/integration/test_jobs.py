@@ -475,7 +475,7 @@ class TestIdempotency:
         key = f"idem-{uuid.uuid4().hex}"
         async with session(api_agent) as s:
             first = await submit(s, job_body("good", 3, idempotency_key=key, ttl_s=60))
-            retry = await submit(s, job_body("good", 3, idempotency_key=key, ttl_s=60), status=200)
+            retry = await submit(s, job_body("good", 3, idempotency_key=key, ttl_s=90), status=200)
             async with s.post(f"{URL}/v1/jobs", json=job_body("good", 4, idempotency_key=key)) as r:
                 error = await refused(r, 422, param="idempotency_key")
             keyed = [j for j in await list_all(s) if j["idempotency_key"] == key]
@@ -569,6 +569,34 @@ class TestExpiry:
         [told] = [m for m in result_messages(api_agent) if m["job_id"] == doomed["id"]]
         assert told["state"] == "expired"
         assert told["error"]["code"] == "expired"
+
+
+class TestWithoutAModel:
+    async def test_jobs_wait_for_a_model_but_their_deadlines_still_pass(
+        self, start_agent: StartAgent
+    ) -> None:
+        """With no model loaded, jobs wait without spending attempts, and one whose TTL passes
+        is expired and reported all the same."""
+        agent = start_agent(None, ready=False)
+        async with session(agent) as s:
+            deadline = time.monotonic() + 120
+            while True:  # up, though never ready without a model
+                try:
+                    async with s.get(f"{URL}/healthz") as r:
+                        if r.status == 200:
+                            break
+                except aiohttp.ClientConnectionError:
+                    pass
+                assert time.monotonic() < deadline, agent.logs()
+                await asyncio.sleep(0.05)
+            doomed = await submit(s, job_body("good", 3, ttl_s=1, report="upstream"))
+            patient = await submit(s, job_body("good", 3))
+            expired = await wait_state(s, doomed["id"], {"expired"})
+            waiting = await show(s, patient["id"])
+        assert expired["attempts"] == 0
+        assert (waiting["state"], waiting["attempts"]) == ("queued", 0)
+        [told] = [m for m in result_messages(agent) if m["job_id"] == doomed["id"]]
+        assert told["state"] == "expired"
 
 
 class TestPaging:

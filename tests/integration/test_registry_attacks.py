@@ -154,7 +154,10 @@ class BreakingFile:
         served.sent += len(chunk)  # counted before it can reach the client
         await response.write(chunk)
         if first and self.stall:
-            await asyncio.sleep(3600)  # cancelled when the server shuts down
+            assert request.transport is not None
+            while not request.transport.is_closing():  # until the client goes away
+                await asyncio.sleep(0.05)
+            return response
         if first:
             assert request.transport is not None
             request.transport.close()  # flushes what was written, then hangs up mid-body

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import sqlite3
+import subprocess
+import sys
 
 import pytest
 
@@ -73,3 +75,42 @@ class TestMigrations:
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
         assert conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
         assert isinstance(conn, sqlite3.Connection)
+
+    def test_upgrade_fingerprints_jobs_stored_before_it(self, tmp_path, monkeypatch):
+        """Jobs stored before 0005 get the fingerprint submit() would give them, so their
+        idempotency keys are checked like any other."""
+        import edgelm_agent.jobs.database as database
+
+        conn = connect(tmp_path / "agent.db")
+        monkeypatch.setattr(database, "MIGRATIONS", MIGRATIONS[:4])
+        migrate(conn)
+        old = store.JobSpec(
+            kind="completion", request={"model": "m", "prompt": "hi"}, idempotency_key="k"
+        )
+        conn.execute(
+            "INSERT INTO jobs (id, state, kind, priority, request, idempotency_key, report, "
+            "attempts, max_attempts, created_at, updated_at, not_before) "
+            "VALUES ('job-old', 'queued', 'completion', 0, ?, 'k', 'local', 0, 3, 1, 1, 0)",
+            ('{"model": "m", "prompt": "hi"}',),
+        )
+        monkeypatch.setattr(database, "MIGRATIONS", MIGRATIONS)
+        assert migrate(conn) == ["0005_idempotency_fingerprint"]
+        conn.execute("BEGIN")
+        same, created = store.submit(old)(conn)
+        assert (same["id"], created) == ("job-old", False)
+        with pytest.raises(store.IdempotencyKeyReused):
+            store.submit(
+                store.JobSpec(kind="completion", request={"prompt": "other"}, idempotency_key="k")
+            )(conn)
+        conn.execute("ROLLBACK")
+
+    def test_migrations_do_not_load_numpy(self, tmp_path):
+        """sqlite_utils would import numpy (16 MB) for nothing; an idle agent must not pay it."""
+        code = (
+            "import sys, pathlib; from edgelm_agent.jobs.database import connect, migrate; "
+            f"migrate(connect(pathlib.Path({str(tmp_path / 'agent.db')!r}))); "
+            "assert 'sqlite_utils' in sys.modules; print('numpy' in sys.modules)"
+        )
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.strip() == "False"

@@ -20,7 +20,9 @@ from __future__ import annotations
 import asyncio
 import queue
 import sqlite3
+import sys
 import threading
+import types
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -136,8 +138,16 @@ def _migration_outbox_autoincrement(db: sqlite_utils.Database) -> None:
 
 def _migration_idempotency_fingerprint(db: sqlite_utils.Database) -> None:
     # A key reused for a different submission is a client bug that would otherwise hand back
-    # someone else's job silently; the fingerprint lets submit() tell the two apart.
+    # someone else's job silently; the fingerprint lets submit() tell the two apart. Jobs
+    # already stored get theirs from their row, which holds every field it covers.
+    from edgelm_agent.jobs.store import spec_of_row
+
     db.table("jobs").add_column("fingerprint", str)
+    for row in db.conn.execute("SELECT * FROM jobs").fetchall():
+        db.conn.execute(
+            "UPDATE jobs SET fingerprint = ? WHERE seq = ?",
+            (spec_of_row(row).fingerprint(), row["seq"]),
+        )
 
 
 MIGRATIONS: tuple[tuple[str, Callable[[sqlite_utils.Database], None]], ...] = (
@@ -147,6 +157,26 @@ MIGRATIONS: tuple[tuple[str, Callable[[sqlite_utils.Database], None]], ...] = (
     ("0004_outbox_autoincrement", _migration_outbox_autoincrement),
     ("0005_idempotency_fingerprint", _migration_idempotency_fingerprint),
 )
+
+
+def _import_sqlite_utils() -> types.ModuleType:
+    """sqlite_utils, imported only when a migration is due, and without numpy.
+
+    sqlite_utils imports numpy whenever it is installed (llama-cpp-python installs it), only
+    to convert numpy values, which the agent never stores. That import alone would cost an idle
+    agent about 16 MB of its 80 MB budget, so numpy is hidden while sqlite_utils loads; a model
+    backend that needs numpy still imports it normally afterwards.
+    """
+    if "numpy" in sys.modules:
+        import sqlite_utils
+
+        return sqlite_utils
+    sys.modules["numpy"] = None  # type: ignore[assignment]  # makes `import numpy` fail
+    try:
+        import sqlite_utils
+    finally:
+        del sys.modules["numpy"]
+    return sqlite_utils
 
 
 def migrate(conn: sqlite3.Connection) -> list[str]:
@@ -159,10 +189,7 @@ def migrate(conn: sqlite3.Connection) -> list[str]:
     pending = [(name, apply) for name, apply in MIGRATIONS if name not in done]
     if not pending:
         return []
-    # Imported only when a migration is due: sqlite_utils imports numpy whenever it is
-    # installed, which would cost an idle agent on an up-to-date database about 16 MB.
-    import sqlite_utils
-
+    sqlite_utils = _import_sqlite_utils()
     applied = []
     for name, apply in pending:
         conn.execute("BEGIN IMMEDIATE")

@@ -64,7 +64,9 @@ class JobWorker:
             log.info("jobs_recovered", count=recovered)
         while True:
             if self.host.active is None or self.host.draining:
-                # No model to run on: wait rather than spend the jobs' attempts on NotReady.
+                # No model to run on: wait rather than spend the jobs' attempts on NotReady,
+                # but let deadlines pass as they would with one.
+                await self.db.run(store.expire(time.time()))
                 await self._idle()
                 continue
             job = await self.db.run(store.claim(time.time()))
