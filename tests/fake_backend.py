@@ -43,7 +43,7 @@ class FakeBackend:
     def info(self) -> ModelInfo:
         return self._info
 
-    def tokenize(self, text: str) -> list[int]:
+    def tokenize(self, text: str, *, add_bos: bool = True, special: bool = True) -> list[int]:
         return [ord(c) for c in text]
 
     def release(self, tokens: int = 1) -> None:

@@ -83,7 +83,22 @@ class ServingModel:
                 "plain prompt",
                 param="messages",
             )
-        return self.backend.tokenize(self._template.render(messages))
+        prompt = self._template.render(messages)
+        if not any(self._reads_control_tokens(m.content) for m in messages):
+            return self.backend.tokenize(prompt)
+        # A message holds control-token text: tokenize the template's text as usual and the
+        # contents as plain text, so no client can open a turn of its own. Chats without such
+        # text take the path above and get exactly the tokens they always did.
+        tokens: list[int] = []
+        for n, segment in enumerate(self._template.render_segments(messages)):
+            tokens += self.backend.tokenize(
+                segment.text, add_bos=n == 0, special=not segment.is_content
+            )
+        return tokens
+
+    def _reads_control_tokens(self, content: str) -> bool:
+        tokenize = self.backend.tokenize
+        return tokenize(content, add_bos=False) != tokenize(content, add_bos=False, special=False)
 
     def text_prompt(self, prompt: str) -> list[int]:
         return self.backend.tokenize(prompt)

@@ -30,8 +30,13 @@ class Backend(Protocol):
     @property
     def info(self) -> ModelInfo: ...
 
-    def tokenize(self, text: str) -> list[int]:
-        """Tokenize a prompt, special tokens included; adds BOS where the model expects one."""
+    def tokenize(self, text: str, *, add_bos: bool = True, special: bool = True) -> list[int]:
+        """Tokenize text; with ``add_bos``, a leading BOS where the model expects one.
+
+        ``special`` reads the text of special tokens (``<|im_start|>``) as those tokens, as a
+        prompt or a chat template needs; without it, such text stays plain text, as a client's
+        message needs.
+        """
         ...
 
     def generate(

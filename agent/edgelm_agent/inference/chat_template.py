@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import datetime
 import json
+import re
+import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, NoReturn
@@ -24,6 +26,14 @@ from edgelm_agent.errors import InvalidRequest, ModelError
 class ChatMessage:
     role: str
     content: str
+
+
+@dataclass(frozen=True)
+class Segment:
+    """A piece of a rendered chat: a message's content, or the template's own text."""
+
+    text: str
+    is_content: bool
 
 
 class _TemplateRaised(Exception):
@@ -71,6 +81,45 @@ class ChatTemplate:
             "bos_token": self._bos,
             "eos_token": self._eos,
         }
+        return self._render(context)
+
+    def render_segments(self, messages: Sequence[ChatMessage]) -> list[Segment]:
+        """The rendered chat, cut into the template's own text and the messages' contents.
+
+        Each content is rendered as a marker no client can write (it holds a fresh random
+        nonce), then the output is cut at the markers. A template that changes a content
+        (slices or upper-cases it, say) leaves a broken marker behind: that chat is refused,
+        since its contents can no longer be told apart from the template's text.
+        """
+        nonce = secrets.token_hex(8)
+        marker = re.compile(f"\ue000{nonce}:(\\d+)\ue001")
+        marked = [
+            {"role": m.role, "content": f"\ue000{nonce}:{i}\ue001"} for i, m in enumerate(messages)
+        ]
+        rendered = self._render(
+            {
+                "messages": marked,
+                "add_generation_prompt": True,
+                "bos_token": self._bos,
+                "eos_token": self._eos,
+            }
+        )
+        parts = marker.split(rendered)
+        segments = []
+        for n, part in enumerate(parts):
+            if n % 2 == 1:
+                segments.append(Segment(messages[int(part)].content, is_content=True))
+            elif "\ue000" in part or "\ue001" in part:  # a marker the template broke
+                raise InvalidRequest(
+                    "the messages hold text this model reads as control tokens, and its chat "
+                    "template reshapes message contents, so they cannot be kept literal",
+                    param="messages",
+                )
+            elif part:
+                segments.append(Segment(part, is_content=False))
+        return segments
+
+    def _render(self, context: dict[str, Any]) -> str:
         try:
             return self._template.render(**context)
         except _TemplateRaised as exc:

@@ -156,10 +156,12 @@ class LlamaCppBackend:
     def info(self) -> ModelInfo:
         return self._info
 
-    def tokenize(self, text: str) -> list[int]:
+    def tokenize(self, text: str, *, add_bos: bool = True, special: bool = True) -> list[int]:
         bos_text = self._info.bos_token
-        add_bos = self._add_bos and not (bos_text and text.startswith(bos_text))
-        return list(self._llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=True))
+        # A template that writes the BOS text itself must not get a second BOS.
+        bos_written = special and bool(bos_text) and text.startswith(bos_text)
+        add_bos = add_bos and self._add_bos and not bos_written
+        return list(self._llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=special))
 
     def generate(
         self, prompt: Sequence[int], params: SamplingParams, cancel: threading.Event

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -18,6 +19,7 @@ from typing import Any
 import onnxruntime_genai as og
 
 from edgelm_agent.errors import ModelLoadError
+from edgelm_agent.inference.special_text import special_pattern, split_special
 from edgelm_agent.inference.types import ModelInfo, SamplingParams
 
 PREFILL_SLICE = 512  # tokens appended per call; bounds how long a cancel waits during prefill
@@ -60,6 +62,7 @@ class OnnxGenaiBackend:
         eos_ids: frozenset[int],
         add_bos: bool,
         bos_id: int | None,
+        specials: re.Pattern[str] | None = None,
     ) -> None:
         self._model = model
         self._tokenizer = tokenizer
@@ -67,6 +70,7 @@ class OnnxGenaiBackend:
         self._eos_ids = eos_ids
         self._add_bos = add_bos
         self._bos_id = bos_id
+        self._specials = specials
         self._random = random.Random()
 
     @classmethod
@@ -119,16 +123,21 @@ class OnnxGenaiBackend:
             eos_ids,
             add_bos=bool(tokenizer_config.get("add_bos_token", False)),
             bos_id=bos_id if isinstance(bos_id, int) else None,
+            specials=special_pattern(_added_token_texts(path, tokenizer_config)),
         )
 
     @property
     def info(self) -> ModelInfo:
         return self._info
 
-    def tokenize(self, text: str) -> list[int]:
-        ids = [int(t) for t in self._tokenizer.encode(text)]
-        if self._add_bos and self._bos_id is not None and (not ids or ids[0] != self._bos_id):
-            ids.insert(0, self._bos_id)
+    def tokenize(self, text: str, *, add_bos: bool = True, special: bool = True) -> list[int]:
+        # The runtime's tokenizer always reads special-token text; plain text is tokenized in
+        # pieces cut inside every such text (see special_text.py).
+        pieces = [text] if special else split_special(text, self._specials)
+        ids = [int(t) for piece in pieces if piece for t in self._tokenizer.encode(piece)]
+        wants_bos = add_bos and self._add_bos and self._bos_id is not None
+        if wants_bos and (not ids or ids[0] != self._bos_id):
+            ids.insert(0, self._bos_id)  # type: ignore[arg-type]  # wants_bos: not None
         return ids
 
     def generate(
@@ -173,3 +182,17 @@ class OnnxGenaiBackend:
     def close(self) -> None:
         self._tokenizer = None
         self._model = None
+
+
+def _added_token_texts(path: Path, tokenizer_config: dict[str, Any]) -> set[str]:
+    """The texts the tokenizer reads as single tokens: Hugging Face's added tokens."""
+    texts = {
+        entry.get("content", "")
+        for entry in tokenizer_config.get("added_tokens_decoder", {}).values()
+        if isinstance(entry, dict)
+    }
+    tokenizer_file = path / "tokenizer.json"
+    if tokenizer_file.is_file():
+        added = _read_json(tokenizer_file).get("added_tokens", [])
+        texts |= {e.get("content", "") for e in added if isinstance(e, dict)}
+    return {t for t in texts if isinstance(t, str) and t}
