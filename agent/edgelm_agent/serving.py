@@ -14,6 +14,7 @@ from edgelm_agent.errors import ContextOverflow, InvalidRequest, ModelNotFound, 
 from edgelm_agent.inference.backend import Backend
 from edgelm_agent.inference.chat_template import ChatMessage, ChatTemplate
 from edgelm_agent.inference.scheduler import Scheduler
+from edgelm_agent.inference.special_text import special_pattern, split_special, touches_special
 from edgelm_agent.inference.types import (
     ModelInfo,
     SamplingDefaults,
@@ -67,6 +68,7 @@ class ServingModel:
             if source
             else None
         )
+        self._specials = special_pattern(info.special_texts)
 
     @property
     def info(self) -> ModelInfo:
@@ -84,21 +86,32 @@ class ServingModel:
                 param="messages",
             )
         prompt = self._template.render(messages)
-        if not any(self._reads_control_tokens(m.content) for m in messages):
+        segments = self._template.render_segments(messages)
+        if segments is None or "".join(s.text for s in segments) != prompt:
+            # The template reshapes contents (trims or escapes them, say), so they cannot be
+            # told apart from its own text. Safe only if no content carries special text.
+            if any(split_special(m.content, self._specials) != [m.content] for m in messages):
+                raise InvalidRequest(
+                    "the messages hold text this model reads as control tokens, and its chat "
+                    "template reshapes message contents, so they cannot be kept plain text",
+                    param="messages",
+                )
             return self.backend.tokenize(prompt)
-        # A message holds control-token text: tokenize the template's text as usual and the
-        # contents as plain text, so no client can open a turn of its own. Chats without such
-        # text take the path above and get exactly the tokens they always did.
+        spans, position = [], 0
+        for segment in segments:
+            if segment.is_content:
+                spans.append((position, position + len(segment.text)))
+            position += len(segment.text)
+        if not touches_special(prompt, spans, self._specials):
+            return self.backend.tokenize(prompt)  # exactly the tokens a plain chat always got
+        # Control-token text reaches into a message: the template's text is tokenized as
+        # usual, the contents as plain text, so no client can open a turn of its own.
         tokens: list[int] = []
-        for n, segment in enumerate(self._template.render_segments(messages)):
+        for n, segment in enumerate(segments):
             tokens += self.backend.tokenize(
                 segment.text, add_bos=n == 0, special=not segment.is_content
             )
         return tokens
-
-    def _reads_control_tokens(self, content: str) -> bool:
-        tokenize = self.backend.tokenize
-        return tokenize(content, add_bos=False) != tokenize(content, add_bos=False, special=False)
 
     def text_prompt(self, prompt: str) -> list[int]:
         return self.backend.tokenize(prompt)

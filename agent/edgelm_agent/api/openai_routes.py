@@ -49,7 +49,8 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     ctx = request.app[API_CONTEXT]
     body = parse_chat(await read_json(request))
     model = ctx.host.resolve(body.model)
-    size = sum(len(m.content) for m in body.messages)
+    # Each message also costs a pass of the template, however short its content.
+    size = sum(len(m.content) + TEMPLATE_CHARS_PER_MESSAGE for m in body.messages)
     tokens = await _off_loop_if_long(size, model.chat_prompt, body.messages)
     run = Generation(
         request,
@@ -83,6 +84,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
 
 
 INLINE_PROMPT_CHARS = 2048  # below this, tokenizing costs less than the hop to a thread
+TEMPLATE_CHARS_PER_MESSAGE = 64  # about what a chat template wraps around each message
 
 
 async def _off_loop_if_long(size: int, fn: Callable[[T], list[int]], arg: T) -> list[int]:

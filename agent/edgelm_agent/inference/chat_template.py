@@ -83,13 +83,14 @@ class ChatTemplate:
         }
         return self._render(context)
 
-    def render_segments(self, messages: Sequence[ChatMessage]) -> list[Segment]:
-        """The rendered chat, cut into the template's own text and the messages' contents.
+    def render_segments(self, messages: Sequence[ChatMessage]) -> list[Segment] | None:
+        """The rendered chat, cut into the template's own text and the messages' contents;
+        None if this template does not insert contents as they are.
 
         Each content is rendered as a marker no client can write (it holds a fresh random
         nonce), then the output is cut at the markers. A template that changes a content
-        (slices or upper-cases it, say) leaves a broken marker behind: that chat is refused,
-        since its contents can no longer be told apart from the template's text.
+        (slices, trims or escapes it, say) breaks its marker or inserts it changed: the caller
+        finds that out by comparing the joined segments with :meth:`render`.
         """
         nonce = secrets.token_hex(8)
         marker = re.compile(f"\ue000{nonce}:(\\d+)\ue001")
@@ -110,11 +111,7 @@ class ChatTemplate:
             if n % 2 == 1:
                 segments.append(Segment(messages[int(part)].content, is_content=True))
             elif "\ue000" in part or "\ue001" in part:  # a marker the template broke
-                raise InvalidRequest(
-                    "the messages hold text this model reads as control tokens, and its chat "
-                    "template reshapes message contents, so they cannot be kept literal",
-                    param="messages",
-                )
+                return None
             elif part:
                 segments.append(Segment(part, is_content=False))
         return segments

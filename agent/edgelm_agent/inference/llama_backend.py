@@ -20,6 +20,7 @@ import llama_cpp
 import structlog
 
 from edgelm_agent.errors import ModelLoadError
+from edgelm_agent.inference.special_text import special_pattern, split_special
 from edgelm_agent.inference.types import ModelInfo, SamplingParams
 
 log = structlog.get_logger(__name__)
@@ -109,6 +110,7 @@ class LlamaCppBackend:
         self._vocab = llm._model.vocab
         self._pieces = _PieceDecoder(self._vocab)
         self._add_bos = bool(llama_cpp.llama_vocab_get_add_bos(self._vocab))
+        self._specials = special_pattern(info.special_texts)
         self._random = random.Random()
         self._cancel = threading.Event()
         # Called by ggml between graph nodes; kept referenced so ctypes does not free it.
@@ -143,8 +145,26 @@ class LlamaCppBackend:
             bos_token=cls._special_text(llm, bos),
             eos_token=cls._special_text(llm, eos),
             created=int(time.time()),
+            special_texts=cls._special_texts(llm),
         )
         return cls(llm, info)
+
+    @classmethod
+    def _special_texts(cls, llm: Any) -> frozenset[str]:
+        """The texts llama.cpp's tokenizer matches as whole tokens: its cache of special tokens
+        holds control, user-defined and unknown tokens. (One pass over the vocabulary, at load.)"""
+        vocab = llm._model.vocab
+        matched = (
+            llama_cpp.LLAMA_TOKEN_ATTR_CONTROL
+            | llama_cpp.LLAMA_TOKEN_ATTR_USER_DEFINED
+            | llama_cpp.LLAMA_TOKEN_ATTR_UNKNOWN
+        )
+        return frozenset(
+            text
+            for token in range(llama_cpp.llama_vocab_n_tokens(vocab))
+            if llama_cpp.llama_vocab_get_attr(vocab, token) & matched
+            and (text := cls._special_text(llm, token))
+        )
 
     @staticmethod
     def _special_text(llm: Any, token: int) -> str:
@@ -161,7 +181,14 @@ class LlamaCppBackend:
         # A template that writes the BOS text itself must not get a second BOS.
         bos_written = special and bool(bos_text) and text.startswith(bos_text)
         add_bos = add_bos and self._add_bos and not bos_written
-        return list(self._llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=special))
+        if special:
+            return list(self._llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=True))
+        # special=False stops llama.cpp reading control tokens but not user-defined ones, so
+        # the text is also cut inside every special text (see special_text.py).
+        tokens = [self._llm.token_bos()] if add_bos else []
+        for piece in split_special(text, self._specials):
+            tokens += self._llm.tokenize(piece.encode("utf-8"), add_bos=False, special=False)
+        return tokens
 
     def generate(
         self, prompt: Sequence[int], params: SamplingParams, cancel: threading.Event

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import random
-import re
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -62,7 +61,6 @@ class OnnxGenaiBackend:
         eos_ids: frozenset[int],
         add_bos: bool,
         bos_id: int | None,
-        specials: re.Pattern[str] | None = None,
     ) -> None:
         self._model = model
         self._tokenizer = tokenizer
@@ -70,7 +68,7 @@ class OnnxGenaiBackend:
         self._eos_ids = eos_ids
         self._add_bos = add_bos
         self._bos_id = bos_id
-        self._specials = specials
+        self._specials = special_pattern(info.special_texts)
         self._random = random.Random()
 
     @classmethod
@@ -115,6 +113,7 @@ class OnnxGenaiBackend:
             bos_token=_token_text(tokenizer_config.get("bos_token")),
             eos_token=_token_text(tokenizer_config.get("eos_token")),
             created=int(time.time()),
+            special_texts=frozenset(_added_token_texts(path, tokenizer_config)),
         )
         return cls(
             model,
@@ -123,7 +122,6 @@ class OnnxGenaiBackend:
             eos_ids,
             add_bos=bool(tokenizer_config.get("add_bos_token", False)),
             bos_id=bos_id if isinstance(bos_id, int) else None,
-            specials=special_pattern(_added_token_texts(path, tokenizer_config)),
         )
 
     @property

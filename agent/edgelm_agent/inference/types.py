@@ -55,6 +55,8 @@ class ModelInfo:
     bos_token: str
     eos_token: str
     created: int = 0  # unix time the model was loaded; /v1/models reports it
+    #: Every text the tokenizer reads as one special token (control, user-defined, added).
+    special_texts: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)
