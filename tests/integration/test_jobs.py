@@ -7,6 +7,8 @@ import json
 import re
 import shutil
 import sqlite3
+import subprocess
+import sys
 import tempfile
 import time
 import uuid
@@ -743,3 +745,63 @@ class TestHostileClients:
             job = await submit(s, job_body("good", 3))
             done = await wait_state(s, job["id"], FINAL, timeout_s=120)
         assert done["state"] == "succeeded"
+
+
+# --- the CLI ------------------------------------------------------------------------------------
+
+
+def jobs_cli(agent: AgentProcess, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "edgelm_cli", "jobs", *args, "--socket", str(agent.socket)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+class TestCli:
+    def test_submit_show_list_and_cancel(self, api_agent: AgentProcess) -> None:
+        """`edgelm jobs` drives the whole API; --json prints what scripts can parse, and every
+        refusal is exit 1 with the agent's reason."""
+        key = f"cli-{uuid.uuid4().hex}"
+        submit_args = ["submit", "--model", "tiny-llama", "--completion", "good"]
+        submit_args += ["--max-tokens", "3", "--idempotency-key", key]
+        submitted = jobs_cli(api_agent, *submit_args, "--json")
+        assert submitted.returncode == 0, submitted.stderr
+        job = json.loads(submitted.stdout)
+        assert job["idempotency_key"] == key
+
+        deadline = time.monotonic() + 60
+        while True:
+            shown = jobs_cli(api_agent, "show", job["id"], "--json")
+            assert shown.returncode == 0, shown.stderr
+            if json.loads(shown.stdout)["state"] in FINAL:
+                break
+            assert time.monotonic() < deadline, shown.stdout
+            time.sleep(0.2)
+        assert text_of(json.loads(shown.stdout)) == " bye"
+        readable = jobs_cli(api_agent, "show", job["id"])
+        assert f"{job['id']}: succeeded" in readable.stderr  # status for people on stderr,
+        assert readable.stdout == " bye\n"  # the answer alone on stdout, for pipes
+
+        listed = jobs_cli(api_agent, "list", "--state", "succeeded", "--limit", "500", "--json")
+        assert listed.returncode == 0, listed.stderr
+        assert job["id"] in {j["id"] for j in json.loads(listed.stdout)["data"]}
+
+        again = jobs_cli(api_agent, *submit_args)  # the same key: the same job, not a new one
+        assert again.returncode == 0, again.stderr
+        assert again.stdout == f"{job['id']}\n"  # the id alone on stdout, for JOB=$(…)
+        assert again.stderr.strip() == "succeeded"
+
+        reused = jobs_cli(api_agent, *submit_args[:4], "other", *submit_args[5:], "--json")
+        assert reused.returncode == 1
+        assert json.loads(reused.stdout)["error"]["reference"] == "agent-idempotency_key_reused"
+
+        finished = jobs_cli(api_agent, "cancel", job["id"])
+        assert finished.returncode == 1
+        assert "cannot be cancelled" in finished.stderr + finished.stdout
+
+        unknown = jobs_cli(api_agent, "show", "job-unknown", "--json")
+        assert unknown.returncode == 1
+        assert "job-unknown" in json.loads(unknown.stdout)["error"]["message"]

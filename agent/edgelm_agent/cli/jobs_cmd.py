@@ -112,7 +112,13 @@ def submit_cmd(
                 "bad-metadata", f"--metadata is not JSON: {exc}", as_json=as_json
             ) from exc
     job = _call(socket, as_json, "POST", "/v1/jobs", body)
-    _print(job, as_json, f"{job['id']} {job['state']} (position {job['position']})")
+    if as_json:
+        click.echo(json.dumps(job, indent=2))
+        return
+    click.echo(job["id"])  # alone on stdout, so that JOB=$(edgelm jobs submit …) works
+    # A repeated idempotency key answers with the existing job, which may have left the queue.
+    where = f", position {job['position']}" if job.get("position") is not None else ""
+    console.print(f"{job['state']}{where}")
 
 
 @jobs.command("list")
