@@ -80,14 +80,20 @@ class AgentProcess:
         )
 
     def wait_ready(self, timeout_s: float = 120) -> AgentProcess:
+        """Return once /readyz answers 200. On failure the agent is stopped before the error
+        is raised: callers write ``AgentProcess(...).wait_ready()`` before their try/finally,
+        and a test must not leave an agent behind."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
+                self.stop()
                 raise RuntimeError(f"agent exited with {self.proc.returncode}:\n{self.logs()}")
             if self.socket.exists() and self.is_ready():
                 return self
             time.sleep(0.05)
-        raise TimeoutError(f"agent not ready after {timeout_s}s:\n{self.logs()}")
+        logs = self.logs()
+        self.stop()
+        raise TimeoutError(f"agent not ready after {timeout_s}s:\n{logs}")
 
     def is_ready(self) -> bool:
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
