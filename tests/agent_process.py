@@ -7,6 +7,7 @@ mode and every byte on the wire are the real ones.
 from __future__ import annotations
 
 import contextlib
+import http.client
 import json
 import os
 import signal
@@ -80,32 +81,56 @@ class AgentProcess:
         )
 
     def wait_ready(self, timeout_s: float = 120) -> AgentProcess:
-        """Return once /readyz answers 200. On failure the agent is stopped before the error
-        is raised: callers write ``AgentProcess(...).wait_ready()`` before their try/finally,
-        and a test must not leave an agent behind."""
+        """Return once /readyz answers 200 (a model is loaded)."""
+        return self._wait_for("/readyz", "ready", timeout_s)
+
+    def wait_alive(self, timeout_s: float = 120) -> AgentProcess:
+        """Return once /healthz answers 200, for an agent that is never ready (no model)."""
+        return self._wait_for("/healthz", "alive", timeout_s)
+
+    def _wait_for(self, path: str, what: str, timeout_s: float) -> AgentProcess:
+        """On failure the agent is stopped before the error is raised: callers write
+        ``AgentProcess(...).wait_ready()`` before their try/finally, and a test must not leave
+        an agent behind."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 self.stop()
                 raise RuntimeError(f"agent exited with {self.proc.returncode}:\n{self.logs()}")
-            if self.socket.exists() and self.is_ready():
+            if self._answers_200(path):
                 return self
             time.sleep(0.05)
         logs = self.logs()
         self.stop()
-        raise TimeoutError(f"agent not ready after {timeout_s}s:\n{logs}")
+        raise TimeoutError(f"agent not {what} after {timeout_s}s:\n{logs}")
 
     def is_ready(self) -> bool:
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        return self._answers_200("/readyz")
+
+    def _answers_200(self, path: str) -> bool:
         try:
-            s.settimeout(2)
-            s.connect(str(self.socket))
-            s.sendall(b"GET /readyz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
-            return s.recv(64).startswith(b"HTTP/1.1 200")
-        except OSError:
-            return False
+            return self.request("GET", path, timeout_s=2)[0] == 200
+        except (OSError, http.client.HTTPException):
+            return False  # not listening yet, or gone
+
+    def request(
+        self, method: str, path: str, body: Any = None, *, timeout_s: float = 60
+    ) -> tuple[int, Any]:
+        """One request over the Unix socket, without an event loop: the status and the JSON
+        body (None if the body is not JSON)."""
+        conn = _UnixHTTPConnection(self.socket, timeout_s)
+        try:
+            payload = None if body is None else json.dumps(body)
+            headers = {"Content-Type": "application/json"} if body is not None else {}
+            conn.request(method, path, body=payload, headers=headers)
+            response = conn.getresponse()
+            raw = response.read()
         finally:
-            s.close()
+            conn.close()
+        try:
+            return response.status, json.loads(raw)
+        except json.JSONDecodeError:
+            return response.status, None
 
     def logs(self) -> str:
         if not self._log.closed:
@@ -140,3 +165,19 @@ class AgentProcess:
                 self.proc.wait()
         self._log.close()
         return self.proc.returncode
+
+
+class _UnixHTTPConnection(http.client.HTTPConnection):
+    def __init__(self, path: Path, timeout_s: float) -> None:
+        super().__init__("localhost", timeout=timeout_s)
+        self._path = str(path)
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        try:
+            sock.connect(self._path)
+        except OSError:
+            sock.close()
+            raise
+        self.sock = sock

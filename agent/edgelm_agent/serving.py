@@ -14,7 +14,7 @@ from edgelm_agent.errors import ContextOverflow, InvalidRequest, ModelNotFound, 
 from edgelm_agent.inference.backend import Backend
 from edgelm_agent.inference.chat_template import ChatMessage, ChatTemplate
 from edgelm_agent.inference.scheduler import Scheduler
-from edgelm_agent.inference.special_text import special_pattern, split_special, touches_special
+from edgelm_agent.inference.special_text import special_pattern, touches_special
 from edgelm_agent.inference.types import (
     ModelInfo,
     SamplingDefaults,
@@ -90,7 +90,8 @@ class ServingModel:
         if segments is None or "".join(s.text for s in segments) != prompt:
             # The template reshapes contents (trims or escapes them, say), so they cannot be
             # told apart from its own text. Safe only if no content carries special text.
-            if any(split_special(m.content, self._specials) != [m.content] for m in messages):
+            specials = self._specials
+            if specials is not None and any(specials.search(m.content) for m in messages):
                 raise InvalidRequest(
                     "the messages hold text this model reads as control tokens, and its chat "
                     "template reshapes message contents, so they cannot be kept plain text",

@@ -124,6 +124,6 @@ class TestChatPrompt:
         with pytest.raises(InvalidRequest) as refused:
             model.chat_prompt([ChatMessage("user", "  " + SPOOF + "  ")])
         assert refused.value.param == "messages"
-        plain = [ChatMessage("user", "  plain text  ")]
+        plain = [ChatMessage("system", ""), ChatMessage("user", "  plain text  ")]
         rendered = ChatTemplate(template, bos_token="", eos_token="").render(plain)
         assert model.chat_prompt(plain) == backend.tokenize(rendered)

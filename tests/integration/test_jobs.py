@@ -579,18 +579,8 @@ class TestWithoutAModel:
     ) -> None:
         """With no model loaded, jobs wait without spending attempts, and one whose TTL passes
         is expired and reported all the same."""
-        agent = start_agent(None, ready=False)
+        agent = start_agent(None, ready=False).wait_alive()  # never ready without a model
         async with session(agent) as s:
-            deadline = time.monotonic() + 120
-            while True:  # up, though never ready without a model
-                try:
-                    async with s.get(f"{URL}/healthz") as r:
-                        if r.status == 200:
-                            break
-                except aiohttp.ClientConnectionError:
-                    pass
-                assert time.monotonic() < deadline, agent.logs()
-                await asyncio.sleep(0.05)
             doomed = await submit(s, job_body("good", 3, ttl_s=1, report="upstream"))
             patient = await submit(s, job_body("good", 3))
             expired = await wait_state(s, doomed["id"], {"expired"})

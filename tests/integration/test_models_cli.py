@@ -9,10 +9,8 @@ their blobs differ from the served model's and garbage collection has something 
 from __future__ import annotations
 
 import hashlib
-import http.client
 import json
 import os
-import socket
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -64,37 +62,12 @@ def refs(view: dict[str, Any]) -> list[str]:
     return [m["ref"] for m in view["models"]]
 
 
-class _UnixHTTPConnection(http.client.HTTPConnection):
-    def __init__(self, path: Path) -> None:
-        super().__init__("localhost", timeout=60)
-        self._path = str(path)
-
-    def connect(self) -> None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(self.timeout)
-        sock.connect(self._path)
-        self.sock = sock
-
-
-def request(agent: AgentProcess, method: str, path: str, body: Any = None) -> tuple[int, Any]:
-    conn = _UnixHTTPConnection(agent.socket)
-    try:
-        payload = None if body is None else json.dumps(body)
-        headers = {"Content-Type": "application/json"} if body is not None else {}
-        conn.request(method, path, body=payload, headers=headers)
-        response = conn.getresponse()
-        return response.status, json.loads(response.read())
-    finally:
-        conn.close()
-
-
 def serving(agent: AgentProcess) -> str:
     """The one model id the agent lists in /v1/models, after proving it answers a completion."""
-    status, listed = request(agent, "GET", "/v1/models")
+    status, listed = agent.request("GET", "/v1/models")
     assert status == 200, listed
     [model] = listed["data"]
-    status, completion = request(
-        agent,
+    status, completion = agent.request(
         "POST",
         "/v1/completions",
         {"model": model["id"], "prompt": "hello", "max_tokens": 3, "temperature": 0},

@@ -10,6 +10,7 @@ special-token text and the pieces are tokenized apart.
 
 from __future__ import annotations
 
+import bisect
 import itertools
 import re
 from collections.abc import Iterable, Sequence
@@ -40,16 +41,20 @@ def split_special(text: str, pattern: re.Pattern[str] | None) -> list[str]:
 def touches_special(
     text: str, spans: Sequence[tuple[int, int]], pattern: re.Pattern[str] | None
 ) -> bool:
-    """Whether any special-token text in ``text`` overlaps one of ``spans`` (start, end).
+    """Whether any special-token text in ``text`` overlaps one of ``spans`` (start, end),
+    given in order and not overlapping one another.
 
     Overlapping, not only inside: a content ending in ``<|im_`` next to template text, or two
     contents side by side, can form a control token that neither holds alone.
     """
     if pattern is None or not spans:
         return False
+    starts = [start for start, _ in spans]
     position = 0
     while (found := pattern.search(text, position)) is not None:
-        if any(found.start() < end and start < found.end() for start, end in spans):
+        # The last span starting before the match ends is the only one that can overlap it.
+        n = bisect.bisect_left(starts, found.end()) - 1
+        if n >= 0 and spans[n][1] > found.start():
             return True
         position = found.start() + 1
     return False

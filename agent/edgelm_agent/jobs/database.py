@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import structlog
 
 from edgelm_agent.errors import EdgelmError
+from edgelm_agent.jobs.store import spec_of_row
 
 if TYPE_CHECKING:
     import sqlite_utils
@@ -140,8 +141,6 @@ def _migration_idempotency_fingerprint(db: sqlite_utils.Database) -> None:
     # A key reused for a different submission is a client bug that would otherwise hand back
     # someone else's job silently; the fingerprint lets submit() tell the two apart. Jobs
     # already stored get theirs from their row, which holds every field it covers.
-    from edgelm_agent.jobs.store import spec_of_row
-
     db.table("jobs").add_column("fingerprint", str)
     for row in db.conn.execute("SELECT * FROM jobs").fetchall():
         db.conn.execute(
@@ -167,15 +166,14 @@ def _import_sqlite_utils() -> types.ModuleType:
     agent about 16 MB of its 80 MB budget, so numpy is hidden while sqlite_utils loads; a model
     backend that needs numpy still imports it normally afterwards.
     """
-    if "numpy" in sys.modules:
-        import sqlite_utils
-
-        return sqlite_utils
-    sys.modules["numpy"] = None  # type: ignore[assignment]  # makes `import numpy` fail
+    hide = "numpy" not in sys.modules
+    if hide:
+        sys.modules["numpy"] = None  # type: ignore[assignment]  # makes `import numpy` fail
     try:
         import sqlite_utils
     finally:
-        del sys.modules["numpy"]
+        if hide:
+            del sys.modules["numpy"]
     return sqlite_utils
 
 
