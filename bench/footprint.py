@@ -1,6 +1,6 @@
 """How much memory does an idle agent hold, with no model and with one loaded?
 
-design.md budgets it: "An idle agent without a model stays under 80 MB of RSS." This script
+The project budgets it: "An idle agent without a model stays under 80 MB of RSS." This script
 starts a real ``edgelm agent run`` subprocess (fresh state directory, its Unix socket and a
 loopback HTTP port, the agent's defaults otherwise) and reads its memory from /proc once it is
 idle. Three configurations:
@@ -77,7 +77,7 @@ SECTION_BEGIN, SECTION_END = harness.markers(SECTION)
 PRECEDING_SECTION = "jobs"
 REPRODUCE = "`python bench/footprint.py --model models/SmolLM2-135M-Instruct-Q4_1.gguf`"
 
-# design.md's budget.
+# The project's budget.
 BUDGET = "An idle agent without a model stays under 80 MB of RSS."
 BUDGET_MB = 80.0
 
@@ -519,7 +519,7 @@ def markdown_section(report: Report) -> str:
         "",
         context_sentence(report),
         "",
-        "Budget (design.md, judged on the largest VmRSS over all starts without a model):",
+        "Budget (judged on the largest VmRSS over all starts without a model):",
         "",
         f"- {report.verdict.describe()}",
         SECTION_END,

@@ -1,6 +1,6 @@
 """How fast can jobs be enqueued durably: the queue layer and HTTP, next to raw SQLite?
 
-design.md budgets it: durable enqueue of at least 5,000 jobs/s in the queue layer and 500 jobs/s
+The project budgets it: durable enqueue of at least 5,000 jobs/s in the queue layer and 500 jobs/s
 through HTTP. "Durable" is the agent's own setting (``edgelm_agent.jobs.database``): SQLite in
 WAL mode with ``synchronous=FULL``, so every commit syncs the write-ahead log to disk before it
 returns, and a job counts as accepted only once its commit has returned. The queue pays for that
@@ -82,7 +82,7 @@ SECTION = "jobs"
 SECTION_BEGIN, SECTION_END = harness.markers(SECTION)
 REPRODUCE = "`python bench/jobs.py`"
 
-# design.md's budgets for durable enqueue.
+# The project's budgets for durable enqueue.
 QUEUE_TARGET_JOBS_PER_S = 5000.0
 HTTP_TARGET_JOBS_PER_S = 500.0
 
@@ -123,7 +123,7 @@ KEYS = (
 )
 QUEUE_KEYS = (QUEUE_SEQUENTIAL, QUEUE_OUTSTANDING, QUEUE_ASYNCIO)
 HTTP_KEYS = (HTTP_TCP, HTTP_UNIX)
-#: The contenders design.md's targets apply to, with their target.
+#: The contenders the project's targets apply to, with their target.
 TARGETS = {
     QUEUE_OUTSTANDING: QUEUE_TARGET_JOBS_PER_S,
     QUEUE_ASYNCIO: QUEUE_TARGET_JOBS_PER_S,
@@ -203,7 +203,7 @@ def raw_connection(path: Path) -> sqlite3.Connection:
 RAW_INSERT = (
     "INSERT INTO jobs (id, state, kind, priority, request, idempotency_key, metadata, "
     "report, attempts, max_attempts, created_at, updated_at, not_before, deadline, "
-    "fingerprint) VALUES (?, 'queued', ?, ?, ?, ?, ?, ?, 0, ?, ?, ?, 0, ?, ?)"
+    "fingerprint, model) VALUES (?, 'queued', ?, ?, ?, ?, ?, ?, 0, ?, ?, ?, 0, ?, ?, ?)"
 )
 
 
@@ -224,6 +224,7 @@ def raw_row(spec: store.JobSpec) -> tuple[Any, ...]:
         now,
         spec.deadline,
         spec.fingerprint(),
+        spec.model,
     )
 
 
@@ -568,8 +569,8 @@ def depth_costs(base: Path, depths: Sequence[int]) -> list[DepthCost]:
                         depth=depth,
                         submit_us=submit_us,
                         position_us=position_us,
-                        claim_us=time_ops(conn, store.claim(time.time()), DEPTH_CLAIMS),
-                        next_due_us=time_ops(conn, store.next_due, DEPTH_NEXT_DUE),
+                        claim_us=time_ops(conn, store.claim(time.time(), spec.model), DEPTH_CLAIMS),
+                        next_due_us=time_ops(conn, store.next_due(spec.model), DEPTH_NEXT_DUE),
                     )
                 )
         finally:
@@ -859,7 +860,7 @@ def depth_sentence(report: Report) -> str:
         f"{at_n.submit_us:,.0f} µs with {at_n.depth:,} jobs queued and {last.submit_us:,.0f} µs "
         f"with {last.depth:,}: about {growth:,.0f} µs more per 1,000 queued jobs, so with "
         f"{at_n.depth:,} jobs queued submissions alone would cap the writer thread at "
-        f"{ceiling:,.0f} jobs/s, {versus} design.md's {QUEUE_TARGET_JOBS_PER_S:,.0f}, before any "
+        f"{ceiling:,.0f} jobs/s, {versus} the budget's {QUEUE_TARGET_JOBS_PER_S:,.0f}, before any "
         f"sync. The queue position returned with each submission is a `count(*)` over the "
         f"queued jobs ahead ({at_n.position_us:,.0f} µs at {at_n.depth:,} queued, "
         f"{last.position_us:,.0f} µs at {last.depth:,}); the agent reads it on its WAL reader "
@@ -921,7 +922,7 @@ def markdown_section(report: Report) -> str:
         "process's time per job, plus the agent process's for HTTP (its share in parentheses); "
         "the HTTP client runs in this process, on the same two cores as the agent.",
         "",
-        "Targets (design.md: durable enqueue of at least "
+        "Targets (the project's budgets: durable enqueue of at least "
         f"{QUEUE_TARGET_JOBS_PER_S:,.0f} jobs/s in the queue layer and "
         f"{HTTP_TARGET_JOBS_PER_S:,.0f} jobs/s through HTTP; every job committed with "
         f"`journal_mode={report.durability.journal_mode}`, "

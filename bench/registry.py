@@ -1,6 +1,6 @@
 """How fast does the registry verify a model, and what does an interrupted download cost?
 
-design.md budgets the registry: "An interrupted download re-fetches at most one chunk.
+The project budgets the registry: "An interrupted download re-fetches at most one chunk.
 Verification runs at disk speed." This script measures both on one model file (by default the
 98 MB SmolLM2 GGUF), side by side in one run.
 
@@ -21,7 +21,7 @@ fast each contender hashes. With a cold cache (only as root, where ``sync; echo 
 /proc/sys/vm/drop_caches`` runs before every single timed read, emptying the page cache of the
 whole machine; ``--no-cold`` skips it) they show the real disk path;
 the budget is judged there, as ``hash_file``'s rate over ``read only``'s: at least
-DISK_SPEED_RATIO counts as disk speed (design.md names no number). The verdict also gives the
+DISK_SPEED_RATIO counts as disk speed (the budget names no number). The verdict also gives the
 ceiling, the in-memory hashing rate over the cold read rate, which tells whether a miss is the
 CPU's or ``hash_file``'s. Without root the cold part is skipped and the budget is judged on the
 warm numbers instead (``hash_file`` against ``sha256sum``), and the verdict says so.
@@ -108,7 +108,7 @@ SECTION_BEGIN, SECTION_END = harness.markers(SECTION)
 PRECEDING_SECTION = "serving"
 REPRODUCE = "`python bench/registry.py --model models/SmolLM2-135M-Instruct-Q4_1.gguf`"
 
-# design.md's budgets for the registry.
+# The project's budgets for the registry.
 BUDGET_REFETCH = "An interrupted download re-fetches at most one chunk."
 BUDGET_DISK_SPEED = "Verification runs at disk speed."
 REFETCH_BUDGET_BYTES = mirrors.CHUNK_BYTES
@@ -902,7 +902,7 @@ def markdown_section(report: Report) -> str:
             else "No cold-cache runs (they need root to drop the page cache). "
         )
         + "The budget counts `hash_file` from a cold cache at "
-        f"{DISK_SPEED_RATIO:g}x the plain read rate or more as disk speed (design.md names no "
+        f"{DISK_SPEED_RATIO:g}x the plain read rate or more as disk speed (the budget names no "
         "number; the threshold is this script's). "
         "`hashlib.sha256, no I/O` hashes the file's bytes already in memory: the CPU's "
         "hashing rate, the most any verifier can reach on this machine. "
@@ -941,7 +941,7 @@ def markdown_section(report: Report) -> str:
         "stream that only handed over whole chunks would lose the cut offset modulo the chunk "
         f"size, here {report.size // 2 % mirrors.CHUNK_BYTES:,} bytes.",
         "",
-        "Budgets (design.md):",
+        "Budgets:",
         "",
         *(f"- {v.describe()}" for v in report.verdicts()),
         SECTION_END,

@@ -1,6 +1,6 @@
 """How much does serving through the agent cost, next to llama-cpp-python in-process?
 
-design.md budgets it: streaming through the agent's HTTP or Unix socket reaches at least 98% of
+The project budgets it: streaming through the agent's HTTP or Unix socket reaches at least 98% of
 the tokens per second llama-cpp-python reaches in-process on the same model, threads and prompt,
 and adds at most 5 ms to the time to first token. This script measures five contenders:
 
@@ -82,7 +82,7 @@ REPRODUCE = (
     "`python bench/serving.py --model models/SmolLM2-135M-Instruct-Q4_1.gguf`"
 )
 
-# design.md's budgets for the agent.
+# The project's budgets for the agent.
 TPS_RATIO_TARGET = 0.98
 TTFT_DELTA_TARGET_MS = 5.0
 
@@ -516,7 +516,7 @@ def summarize(samples: dict[str, list[Sample]]) -> list[Row]:
 
 @dataclass(frozen=True)
 class Verdict:
-    """design.md's budgets, checked for one way of reaching the agent."""
+    """The project's budgets, checked for one way of reaching the agent."""
 
     label: str
     ratio: float
@@ -689,7 +689,8 @@ def markdown_section(report: Report) -> str:
         "`llama_cpp.server` is sent `repeat_penalty: 1.0`, since its own default (1.1) would "
         "change the greedy tokens; everything else is its default.",
         "",
-        f"Targets (design.md: at least {TPS_RATIO_TARGET:.0%} of in-process tokens/s, at most "
+        f"Targets (the project's budgets: at least {TPS_RATIO_TARGET:.0%} of in-process "
+        "tokens/s, at most "
         f"{TTFT_DELTA_TARGET_MS:g} ms added TTFT; baseline `create_completion`):",
         "",
         *(f"- {v.describe()}" for v in verdicts(report.rows)),

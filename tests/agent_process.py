@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +44,7 @@ class AgentProcess:
         extra_args: list[str] | None = None,
         env: dict[str, str] | None = None,
         http: bool = True,
+        preexec_fn: Callable[[], None] | None = None,
     ) -> None:
         self.workdir = workdir
         self.socket = workdir / "agent.sock"
@@ -78,6 +80,7 @@ class AgentProcess:
             stderr=subprocess.STDOUT,
             env={**clean_env, **(env or {})},
             cwd=REPO,
+            preexec_fn=preexec_fn,  # tests use it to set resource limits only
         )
 
     def wait_ready(self, timeout_s: float = 120) -> AgentProcess:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import math
 import os
 import tomllib
 from collections.abc import Callable, Mapping
@@ -18,8 +19,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 from edgelm_agent.errors import ConfigError
+from edgelm_agent.inference.types import MIN_CONTEXT_LENGTH
 
 LogFormat = Literal["auto", "json", "console"]
+ExecutionProvider = Literal["cpu", "cuda"]
 
 DEFAULT_STATE_DIR = Path("/var/lib/edgelm")
 DEFAULT_SOCKET = Path("/run/edgelm/agent.sock")
@@ -69,12 +72,28 @@ class AgentConfig:
     threads: int | None = None
     #: Context window in tokens, capped at the model's trained length.
     context_length: int = 4096
+    #: Reply length for a request that sets no ``max_tokens``: long enough for a kiosk's
+    #: answer, short enough that a forgotten limit cannot run a small model for minutes.
+    default_max_tokens: int = 512
+    #: llama.cpp layers offloaded to the GPU; ``None`` means all of them when the llama.cpp
+    #: build supports GPU offload (a CUDA build on a Jetson), else 0.
+    gpu_layers: int | None = None
+    #: Where onnxruntime-genai runs the model: ``cpu``, or ``cuda`` (Jetson, with a CUDA build).
+    onnx_provider: ExecutionProvider = "cpu"
     #: Requests allowed to wait while the model is busy; one more is answered 429.
     max_queue: int = 16
     #: ``Retry-After`` seconds sent with a 429.
     retry_after_s: int = 1
     #: Largest request body accepted, in bytes; larger bodies get 413.
     max_body_bytes: int = 1 << 20
+    #: A connection whose next request's headers have not arrived in this time is closed:
+    #: bounds half-open, trickling and idle keep-alive connections alike.
+    http_idle_timeout_s: float = 30.0
+    #: A request body must arrive within this time once its headers have; else 408.
+    http_body_timeout_s: float = 30.0
+    #: Open TCP connections allowed at once (lowered to keep file descriptors in reserve for
+    #: the Unix socket, the database and models); one more is answered 503.
+    max_http_connections: int = 256
     #: How long in-flight generations may run after SIGTERM before they are cancelled.
     shutdown_grace_s: float = 10.0
     #: Mirrors of the fleet's TUF repository (URLs or folders), tried in order. Empty: this is
@@ -119,30 +138,81 @@ def _optional_path(value: Any) -> Path | None:
     return None if value in (None, "") else _path(value)
 
 
+def _integer(value: Any, expected: str) -> int:
+    """An integer from TOML (typed) or text (env, flags), with a message a person can act on."""
+    if isinstance(value, bool):
+        raise ValueError(f"expected {expected}, got {value!r}")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str) and value.strip().lstrip("+-").isdigit():
+        return int(value.strip())
+    raise ValueError(f"expected {expected}, got {value!r}")
+
+
+def _number(value: Any, expected: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise ValueError(f"expected {expected}, got {value!r}")
+    try:
+        number = float(value)
+    except ValueError:
+        raise ValueError(f"expected {expected}, got {value!r}") from None
+    if not math.isfinite(number):
+        raise ValueError(f"expected {expected}, got {value!r}")
+    return number
+
+
 def _positive_int(value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int | str):
-        raise ValueError(f"expected a positive integer, got {value!r}")
-    number = int(value)
+    number = _integer(value, "a positive integer")
     if number <= 0:
         raise ValueError(f"expected a positive integer, got {value!r}")
     return number
 
 
 def _optional_positive_int(value: Any) -> int | None:
-    return None if value in (None, "", 0, "0", "auto") else _positive_int(value)
+    if value in (None, "", 0, "0", "auto"):
+        return None
+    number = _integer(value, "a positive integer or 'auto'")
+    if number <= 0:
+        raise ValueError(f"expected a positive integer or 'auto', got {value!r}")
+    return number
 
 
 def _non_negative_int(value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int | str) or int(value) < 0:
+    number = _integer(value, "an integer >= 0")
+    if number < 0:
         raise ValueError(f"expected an integer >= 0, got {value!r}")
-    return int(value)
+    return number
+
+
+def _optional_non_negative_int(value: Any) -> int | None:
+    return None if value in (None, "", "auto") else _non_negative_int(value)
+
+
+def _context_length(value: Any) -> int:
+    number = _integer(value, f"an integer >= {MIN_CONTEXT_LENGTH}")
+    if number < MIN_CONTEXT_LENGTH:
+        raise ValueError(f"expected an integer >= {MIN_CONTEXT_LENGTH}, got {value!r}")
+    return number
 
 
 def _non_negative_float(value: Any) -> float:
-    number = float(value)
+    number = _number(value, "a number >= 0")
     if number < 0:
         raise ValueError(f"expected a number >= 0, got {value!r}")
     return number
+
+
+def _positive_float(value: Any) -> float:
+    number = _number(value, "a number > 0")
+    if number <= 0:
+        raise ValueError(f"expected a number > 0, got {value!r}")
+    return number
+
+
+def _onnx_provider(value: Any) -> ExecutionProvider:
+    if value not in ("cpu", "cuda"):
+        raise ValueError(f"expected cpu or cuda, got {value!r}")
+    return value  # type: ignore[no-any-return]  # narrowed by the membership test above
 
 
 def _optional_str(value: Any) -> str | None:
@@ -186,9 +256,9 @@ def parse_http(value: Any) -> HttpListen | None:
     if not sep or not host:
         raise ValueError(f"expected HOST:PORT, got {value!r}")
     host = host.removeprefix("[").removesuffix("]")
+    if not port_text.isascii() or not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise ValueError(f"expected HOST:PORT with a port from 0 to 65535, got {value!r}")
     port = int(port_text)
-    if not 0 <= port <= 65535:
-        raise ValueError(f"port must be 0-65535, got {port}")
     return HttpListen(host, port)
 
 
@@ -213,10 +283,16 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("allowed_origins", "allowed_origins", _origins),
     Setting("model_path", "model", _optional_path),
     Setting("threads", "threads", _optional_positive_int),
-    Setting("context_length", "context_length", _positive_int),
+    Setting("context_length", "context_length", _context_length),
+    Setting("default_max_tokens", "default_max_tokens", _positive_int),
+    Setting("gpu_layers", "gpu_layers", _optional_non_negative_int),
+    Setting("onnx_provider", "onnx_provider", _onnx_provider),
     Setting("max_queue", "max_queue", _positive_int),
     Setting("retry_after_s", "retry_after_s", _positive_int),
     Setting("max_body_bytes", "max_body_bytes", _positive_int),
+    Setting("http_idle_timeout_s", "http_idle_timeout_s", _positive_float),
+    Setting("http_body_timeout_s", "http_body_timeout_s", _positive_float),
+    Setting("max_http_connections", "max_http_connections", _positive_int),
     Setting("shutdown_grace_s", "shutdown_grace_s", _non_negative_float),
     Setting("repository_mirrors", "repository_mirrors", _origins),
     Setting("repository_root", "repository_root", _optional_path),

@@ -3,12 +3,16 @@
 Nothing else in the agent constructs long-lived collaborators; each part receives what it needs
 from here. Lifecycle:
 
-1. bind the Unix socket and the loopback HTTP listener (``/healthz`` answers from now on);
-2. take the registry; with ``--model``, sign the file into the device's repository; verify,
+1. make the state directory private (umask 027, see :mod:`edgelm_agent.state_dir`), raise the
+   open-file limit, open the database;
+2. bind the Unix socket and the loopback HTTP listener (``/healthz`` answers from now on) and
+   start the long-running services (the job worker) under one supervisor;
+3. take the registry; with ``--model``, sign the file into the device's repository; verify,
    load and health-check the active model (see :mod:`edgelm_agent.model_manager`); ``/readyz``
    turns 200;
-3. on SIGTERM or SIGINT: ``/readyz`` turns 503, the listeners close, requests in flight get
-   ``shutdown_grace_s`` to finish and are then cancelled; the process exits 0.
+4. on SIGTERM or SIGINT: ``/readyz`` turns 503, the listeners close, requests in flight get
+   ``shutdown_grace_s`` to finish; those still running or waiting then get a 503 (a stream an
+   error event); the services stop; the process exits 0, whatever a service did.
 
 aiohttp's own ``shutdown_timeout`` is not the grace period: it waits up to twice its value and
 treats 0 as "forever", so the daemon tracks its requests and applies the grace itself.
@@ -20,16 +24,19 @@ import asyncio
 import contextlib
 import os
 import signal
+import socket
 import sqlite3
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import structlog
 from aiohttp import web
 
 from edgelm_agent.api.access import HttpAccessPolicy, check_bind_allowed
 from edgelm_agent.api.app import create_app
+from edgelm_agent.api.connections import ACCEPT_BATCH, UNIX_BACKLOG, Listener
 from edgelm_agent.api.context import ApiContext
 from edgelm_agent.api.jobs_routes import JobsContext
 from edgelm_agent.config import AgentConfig, HttpListen
@@ -41,13 +48,18 @@ from edgelm_agent.listeners import (
     bind_tcp_socket,
     bind_unix_socket,
     lock_socket_path,
+    raise_open_file_limit,
     remove_socket_file,
+    tcp_connection_cap,
 )
+from edgelm_agent.logs import RateLimitedLog
 from edgelm_agent.metrics import AgentMetrics
 from edgelm_agent.model_manager import ModelManager, crash_point_from
 from edgelm_agent.registry.errors import ActivationFailed, RegistryError
 from edgelm_agent.registry.registry import Registry, RegistryConfig
+from edgelm_agent.services import Supervisor
 from edgelm_agent.serving import ModelHost
+from edgelm_agent.state_dir import prepare_state_dir
 
 log = structlog.get_logger(__name__)
 
@@ -64,6 +76,7 @@ class Daemon:
         self, config: AgentConfig, *, on_ready: Callable[[ReadyInfo], None] | None = None
     ) -> None:
         self.config = config
+        prepare_state_dir(config.state_dir)  # before any part creates a file under it
         self.metrics = AgentMetrics()
         self.host = ModelHost()
         self.registry = Registry(
@@ -84,6 +97,9 @@ class Daemon:
             max_queue=config.max_queue,
             retry_after_s=config.retry_after_s,
             background_every=config.jobs_background_every,
+            default_max_tokens=config.default_max_tokens,
+            gpu_layers=config.gpu_layers,
+            onnx_provider=config.onnx_provider,
             crash_point=crash_point_from(config.crash_point),
         )
         self._registry_lock = contextlib.ExitStack()
@@ -101,13 +117,8 @@ class Daemon:
             policy = HttpAccessPolicy.for_listener(
                 config.http, config.api_token, config.allowed_origins
             )
-        try:
-            config.state_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise ConfigError(
-                f"cannot create state directory {config.state_dir}: {exc.strerror}"
-            ) from exc
-        ctx = ApiContext(self.host, self.metrics, config.max_body_bytes, policy, self.models)
+        self.host.starting = True  # /readyz: "loading" until the model is up, or known absent
+        soft_fds = raise_open_file_limit()
         try:
             db = Database(config.state_dir / "agent.db")
         except sqlite3.Error as exc:
@@ -118,51 +129,78 @@ class Daemon:
             retention_s=config.jobs_retention_s,
             retention_count=config.jobs_retention_count,
         )
+        services = Supervisor([worker], observer=self.metrics)
+        ctx = ApiContext(
+            self.host,
+            self.metrics,
+            config.max_body_bytes,
+            policy,
+            self.models,
+            services=services,
+            body_timeout_s=config.http_body_timeout_s,
+        )
         jobs = JobsContext(
-            db, worker, OutboxLimits(config.outbox_telemetry_max, config.outbox_durable_max_bytes)
+            db,
+            worker,
+            OutboxLimits(config.outbox_telemetry_max, config.outbox_durable_max_bytes),
+            self.models,
         )
         runner = web.AppRunner(
             create_app(ctx, jobs),
             handler_cancellation=True,  # a client that disconnects cancels its handler
             shutdown_timeout=1.0,  # only closes connections: _drain() has already waited
-            access_log=None,  # our middleware logs every request with its model and tokens
         )
         await runner.setup()
         loop = asyncio.get_running_loop()
+        loop.set_exception_handler(_loop_exception_handler)
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop)
         lock_fd = lock_socket_path(config.socket_path)
         socket_inode: int | None = None
-        worker_task: asyncio.Task[None] | None = None
+        services_task: asyncio.Task[None] | None = None
+        listeners: list[Listener] = []
         try:
+            assert runner.server is not None
             unix_sock = bind_unix_socket(config.socket_path)
             socket_inode = os.stat(config.socket_path).st_ino
-            await web.SockSite(runner, unix_sock).start()
+            listeners.append(self._listener(unix_sock, runner.server, "unix", None))
             http = config.http
             if http is not None:
                 tcp_sock = bind_tcp_socket(http)
                 http = HttpListen(http.host, tcp_sock.getsockname()[1])  # resolves port 0
-                await web.SockSite(runner, tcp_sock).start()
+                cap = tcp_connection_cap(config.max_http_connections, soft_fds)
+                listeners.append(self._listener(tcp_sock, runner.server, "http", cap))
+                log.info("open_files", limit=soft_fds, http_max_connections=cap)
+            for listener in listeners:
+                await listener.start()
             log.info(
                 "agent_listening", socket=str(config.socket_path), http=str(http) if http else None
             )
-            await self._start_models()
-            worker_task = loop.create_task(worker.run())
+            services_task = loop.create_task(services.run(), name="services")
+            try:
+                await self._start_models()
+            finally:
+                self.host.starting = False
             active = self.host.active
             if not self._stop.is_set():
-                log.info("agent_ready", model=active.model_id if active else None)
+                log.info(
+                    "agent_ready",
+                    model=active.model_id if active else None,
+                    socket=str(config.socket_path.absolute()),
+                    http=f"http://{http}" if http else None,
+                )
                 if self._on_ready is not None:
                     self._on_ready(
                         ReadyInfo(config.socket_path, http, active.model_id if active else None)
                     )
             await self._stop.wait()
-            await self._drain(runner, ctx)
+            await self._drain(listeners, ctx)
         finally:
             self.host.draining = True
-            if worker_task is not None:
-                worker_task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await worker_task
+            for listener in listeners:
+                listener.stop_accepting()
+            if services_task is not None:
+                await _stop_task(services_task)
             await runner.cleanup()
             await self.models.close()
             self._registry_lock.close()
@@ -173,6 +211,19 @@ class Daemon:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(sig)
             log.info("agent_stopped")
+
+    def _listener(
+        self, sock: socket.socket, server: web.Server, name: str, cap: int | None
+    ) -> Listener:
+        return Listener(
+            sock,
+            server,
+            name=name,
+            idle_timeout_s=self.config.http_idle_timeout_s,
+            max_connections=cap,
+            retry_after_s=self.config.retry_after_s,
+            backlog=ACCEPT_BATCH if cap is not None else UNIX_BACKLOG,
+        )
 
     async def _start_models(self) -> None:
         """Take the registry, import --model if given, and serve the active model."""
@@ -195,20 +246,52 @@ class Daemon:
             except ActivationFailed as exc:
                 raise ModelLoadError(str(exc)) from exc
 
-    async def _drain(self, runner: web.AppRunner, ctx: ApiContext) -> None:
-        """Stop taking requests, give the running ones the grace period, cancel the rest."""
+    async def _drain(self, listeners: list[Listener], ctx: ApiContext) -> None:
+        """Stop taking requests, give the running ones the grace period, then answer what is
+        left with 503 (a stopped stream gets an error event) and cancel what still hangs."""
         grace_s = self.config.shutdown_grace_s
         self.host.draining = True  # /readyz says so on connections still open
         log.info("agent_stopping", grace_s=grace_s, in_flight=len(ctx.inflight))
-        for site in list(runner.sites):
-            await site.stop()  # closes the listening sockets; open connections stay
+        for listener in listeners:
+            listener.stop_accepting()  # open connections stay
         pending = set(ctx.inflight)
         if pending and grace_s > 0:
             _, pending = await asyncio.wait(pending, timeout=grace_s)
+        if not pending:
+            return
+        refused = sum(model.scheduler.stop_admitting() for model in self.host.models())
+        _, pending = await asyncio.wait(pending, timeout=ANSWER_AFTER_GRACE_S)
+        log.info("requests_stopped", refused=refused, cancelled=len(pending))
+        for task in pending:
+            task.cancel()
         if pending:
-            log.info("requests_cancelled", count=len(pending))
-            for model in self.host.models():
-                model.scheduler.cancel_running()
-            for task in pending:
-                task.cancel()
             await asyncio.wait(pending, timeout=5.0)
+
+
+#: After the grace, how long stopped requests get to send their 503 before they are cancelled.
+ANSWER_AFTER_GRACE_S = 2.0
+_accept_failures = RateLimitedLog(log, "accept_failed", every_s=10.0)
+
+
+def _loop_exception_handler(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+    """asyncio reports a listener that cannot accept (out of file descriptors) once per
+    attempt, with a traceback: megabytes a minute under a connection flood. One line per ten
+    seconds says the same."""
+    message = str(context.get("message", ""))
+    exc = context.get("exception")
+    if "accept" in message:
+        _accept_failures.emit(error=repr(exc) if exc is not None else message)
+        return
+    log.error("event_loop_error", message=message, error=repr(exc) if exc else None)
+
+
+async def _stop_task(task: asyncio.Task[None]) -> None:
+    """Cancel a task and wait for it; whatever it raised is logged, never re-raised, so a
+    failed service cannot turn a clean shutdown into a crash."""
+    task.cancel()
+    try:
+        await task
+    except asyncio.CancelledError:
+        pass
+    except Exception as exc:
+        log.error("service_stop_failed", task=task.get_name(), error=repr(exc))

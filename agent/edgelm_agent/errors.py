@@ -12,6 +12,7 @@
     │   ├── NotAuthorized          401: missing or wrong bearer token
     │   ├── ForbiddenHost          403: Host or Origin not allowed (DNS rebinding defence)
     │   ├── ModelNotFound          404: no such model
+    │   ├── RequestTimeout         408: the body did not arrive in time
     │   └── PayloadTooLarge        413: body over the size limit
     ├── Overloaded             503/429: we cannot take the work now; carries ``retry_after_s``
     │   ├── QueueFull              429: the wait queue is full
@@ -96,10 +97,15 @@ class ModelNotFound(RequestError):
     status_code = 404
     code = "model_not_found"
 
-    def __init__(self, requested: str, available: list[str]) -> None:
-        listed = ", ".join(available) if available else "none loaded"
-        super().__init__(f"model {requested!r} not found; available: {listed}", param="model")
+    def __init__(self, requested: str, available: list[str], *, what: str = "loaded") -> None:
+        listed = ", ".join(available) if available else f"none {what}"
+        super().__init__(f"model {requested!r} not found; {what}: {listed}", param="model")
         self.requested = requested
+
+
+class RequestTimeout(RequestError):
+    status_code = 408
+    code = "request_timeout"
 
 
 class PayloadTooLarge(RequestError):

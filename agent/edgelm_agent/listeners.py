@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import resource
 import socket
 import stat
 from pathlib import Path
@@ -102,3 +103,32 @@ def remove_socket_file(path: Path, inode: int) -> None:
     with contextlib.suppress(OSError):
         if os.stat(path).st_ino == inode:
             path.unlink()
+
+
+#: Descriptors kept back from the HTTP listener's connections: the Unix socket's clients, the
+#: database, model files and the runtimes' own files must always get one. An agent with a
+#: model holds about 25; a burst of refused connections holds up to 64 more for a moment
+#: (one accept batch and the refusals lingering to deliver their 503, see api/connections.py).
+FD_RESERVE = 128
+MIN_TCP_CONNECTIONS = 16
+
+
+def raise_open_file_limit() -> int:
+    """Raise the soft limit on open files as far as the hard limit allows; return the soft
+    limit now in force. systemd starts services with a soft limit of 1,024 and a far higher
+    hard one, which a process may take without privileges."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard > soft:
+        target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):
+            pass  # keep what we have; the cap below adapts to it
+    return soft
+
+
+def tcp_connection_cap(configured: int, soft_limit: int) -> int:
+    """The HTTP listener's connection cap: the configured one, lowered to keep FD_RESERVE
+    descriptors free."""
+    return max(MIN_TCP_CONNECTIONS, min(configured, soft_limit - FD_RESERVE))

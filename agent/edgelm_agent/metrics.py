@@ -60,6 +60,26 @@ class AgentMetrics:
             registry=r,
         )
 
+        self.services_up = Gauge(
+            "edgelm_service_up",
+            "1 while a long-running service (jobs, sync) runs, 0 while it waits to restart",
+            ["service"],
+            registry=r,
+        )
+        self.services_restarted = Counter(
+            "edgelm_service_restarts",
+            "Times a service failed and was restarted",
+            ["service"],
+            registry=r,
+        )
+
+    # ServiceObserver (see edgelm_agent.services)
+    def service_up(self, name: str, up: bool) -> None:
+        self.services_up.labels(name).set(1 if up else 0)
+
+    def service_restarted(self, name: str) -> None:
+        self.services_restarted.labels(name).inc()
+
     def scheduler_hooks(self, model_id: str) -> SchedulerHooks:
         tokens = self.tokens_generated.labels(model_id)
         speed = self.tokens_per_second.labels(model_id)

@@ -26,14 +26,10 @@ from typing import Any, TypeVar
 
 import structlog
 
-from edgelm_agent.errors import EdgelmError, ModelError
+from edgelm_agent.errors import EdgelmError, ModelError, RequestError
 from edgelm_agent.inference.loader import load_backend
 from edgelm_agent.inference.scheduler import Scheduler, SchedulerHooks
-from edgelm_agent.inference.types import (
-    Finished,
-    GenerationRequest,
-    SamplingParams,
-)
+from edgelm_agent.inference.types import Finished, GenerationRequest, SamplingFields
 from edgelm_agent.metrics import AgentMetrics
 from edgelm_agent.registry.errors import ActivationFailed, ModelNotInstalled
 from edgelm_agent.registry.model_target import ModelTarget
@@ -61,6 +57,9 @@ class ModelManager:
         max_queue: int,
         retry_after_s: int,
         background_every: int = 4,
+        default_max_tokens: int = 512,
+        gpu_layers: int | None = None,
+        onnx_provider: str = "cpu",
         crash_point: CrashPoint = _no_crash,
     ) -> None:
         self.registry = registry
@@ -71,6 +70,9 @@ class ModelManager:
         self.max_queue = max_queue
         self.retry_after_s = retry_after_s
         self.background_every = background_every
+        self.default_max_tokens = default_max_tokens
+        self.gpu_layers = gpu_layers
+        self.onnx_provider = onnx_provider
         self._crash_point = crash_point  # fault injection for the kill -9 tests
         self._lock = asyncio.Lock()  # one activation at a time
 
@@ -117,6 +119,11 @@ class ModelManager:
             asyncio.get_running_loop().create_task(self._retire(old))
         return target
 
+    async def known_models(self) -> set[str]:
+        """Models that are served, installed, or offered by the trusted repository."""
+        served = {m.model_id for m in self.host.models()}
+        return served | await asyncio.to_thread(self.registry.known_names)
+
     async def exclusive(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run a blocking registry change in a thread, never beside an activation."""
         async with self._lock:
@@ -138,12 +145,15 @@ class ModelManager:
                 reason="not_enough_memory",
             )
         started = time.perf_counter()
+        log.info("model_loading", model=target.ref, format=target.format)
         backend = await asyncio.to_thread(
             load_backend,
             path,
             threads=self.threads,
             context_length=min(self.context_length, target.context_length),
             model_id=target.name,
+            gpu_layers=self.gpu_layers,
+            onnx_provider=self.onnx_provider,
         )
         self.metrics.model_load.labels(target.name).set(time.perf_counter() - started)
         self._crash_point("activation.loaded")
@@ -168,6 +178,15 @@ class ModelManager:
             health=health,
             version=target.version,
             chat_template=target.chat_template,
+            default_max_tokens=self.default_max_tokens,
+        )
+        log.info(
+            "model_loaded",
+            model=target.ref,
+            backend=backend.info.backend,
+            context_length=backend.info.context_length,
+            load_ms=round((time.perf_counter() - started) * 1000, 1),
+            **backend.info.accelerator.as_dict(),
         )
         try:
             await self._health_check(model, target)
@@ -179,11 +198,19 @@ class ModelManager:
 
     async def _health_check(self, model: ServingModel, target: ModelTarget) -> None:
         check = target.health_check
-        request = GenerationRequest(
-            tuple(await asyncio.to_thread(model.text_prompt, check.prompt)),
-            SamplingParams(max_tokens=check.max_tokens, temperature=0.0),
-            request_id="health-check",
-        )
+        # The check takes the path every request takes (tokenize, fit the context, sample),
+        # so a model that passes it can answer a request: one whose context cannot even hold
+        # the check's prompt and reply fails here rather than at the first client.
+        tokens = await asyncio.to_thread(model.text_prompt, check.prompt)
+        try:
+            params = model.sampling(
+                SamplingFields(max_tokens=check.max_tokens, temperature=0.0), len(tokens)
+            )
+        except RequestError as exc:
+            raise ActivationFailed(
+                f"health check cannot run: {exc}", reason="health_check_invalid"
+            ) from exc
+        request = GenerationRequest(tuple(tokens), params, request_id="health-check")
         finished: Finished | None = None
         try:
             async with asyncio.timeout(check.timeout_s):

@@ -52,8 +52,10 @@ class ServingModel:
         health: FailureStreak | None = None,
         version: str = "",
         chat_template: str | None = None,
+        default_max_tokens: int = 512,
     ) -> None:
         self.backend = backend
+        self.default_max_tokens = default_max_tokens
         self.scheduler = scheduler
         self.context_length = context_length
         self.defaults = defaults or SamplingDefaults()
@@ -118,11 +120,15 @@ class ServingModel:
         return self.backend.tokenize(prompt)
 
     def sampling(self, fields: SamplingFields, prompt_tokens: int) -> SamplingParams:
-        """Fill defaults and check the context: by default a reply may use all that is left."""
+        """Fill defaults and check the context. A reply without ``max_tokens`` gets
+        ``default_max_tokens``, or what is left of the context if that is less."""
         if prompt_tokens == 0:
             raise InvalidRequest("the prompt is empty", param="prompt")
         room = self.context_length - prompt_tokens
-        max_tokens = fields.max_tokens if fields.max_tokens is not None else room
+        if fields.max_tokens is not None:
+            max_tokens = fields.max_tokens
+        else:
+            max_tokens = min(self.default_max_tokens, room)
         if max_tokens > room or room <= 0:
             raise ContextOverflow(
                 prompt_tokens=prompt_tokens,
@@ -145,6 +151,8 @@ class ModelHost:
 
     def __init__(self) -> None:
         self._active: ServingModel | None = None
+        #: The daemon is still bringing its model up: /readyz says "loading", not "no_model".
+        self.starting = False
         self.draining = False
 
     @property

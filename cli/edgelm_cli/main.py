@@ -8,6 +8,7 @@ import importlib
 import click
 
 from edgelm_agent import __version__
+from edgelm_cli.groups import SuggestingGroup
 
 # name -> (module, attribute, one-line help shown in `edgelm --help`)
 COMMANDS: dict[str, tuple[str, str, str]] = {
@@ -18,7 +19,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
 }
 
 
-class LazyGroup(click.Group):
+class LazyGroup(SuggestingGroup):
     def list_commands(self, ctx: click.Context) -> list[str]:
         return sorted(COMMANDS)
 

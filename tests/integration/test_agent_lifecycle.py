@@ -86,7 +86,8 @@ class TestStartup:
         assert "could not load" in agent.logs()
 
     def test_without_a_model_healthz_is_ok_and_readyz_is_503(self, start_agent):
-        """Alive but not ready: /healthz 200, /readyz 503 until a model is loaded."""
+        """Alive but not ready: /healthz 200, /readyz 503 saying no model is active (not
+        "loading", which would promise a model that is never coming)."""
         agent = start_agent(None, ready=False).wait_alive()
         assert agent.request("GET", "/healthz")[0] == 200
 
@@ -94,7 +95,9 @@ class TestStartup:
             async with agent.unix_session() as s:
                 async with s.get("http://localhost/readyz") as r:
                     assert r.status == 503
-                    assert (await r.json())["status"] == "loading"
+                    body = await r.json()
+                    assert body["status"] == "no_model"
+                    assert "edgelm models import" in body["message"]
                 async with s.post(
                     "http://localhost/v1/completions", json={"model": "x", "prompt": "hi"}
                 ) as r:
@@ -133,9 +136,11 @@ class TestStartup:
         assert record["ttft_ms"] > 0
 
 
-async def long_stream_then_sigterm(agent: AgentProcess) -> bool:
-    """Start a 16,000-token stream, send SIGTERM at its first event; did [DONE] arrive?"""
+async def long_stream_then_sigterm(agent: AgentProcess) -> tuple[bool, str | None]:
+    """Start a 16,000-token stream, send SIGTERM at its first event. Did [DONE] arrive, and
+    what error event, if any, ended the stream?"""
     body = {"model": "tiny-llama", "prompt": "hello", "max_tokens": 16000, "stream": True}
+    done, error = False, None
     async with (
         agent.unix_session() as s,
         s.post("http://localhost/v1/completions", json=body) as r,
@@ -143,9 +148,14 @@ async def long_stream_then_sigterm(agent: AgentProcess) -> bool:
         await r.content.readline()
         agent.signal(signal.SIGTERM)
         try:
-            return any([line.startswith(b"data: [DONE]") async for line in r.content])
+            async for line in r.content:
+                if line.startswith(b"data: [DONE]"):
+                    done = True
+                elif line.startswith(b'data: {"error"'):
+                    error = json.loads(line[6:])["error"]["code"]
         except aiohttp.ClientPayloadError:
-            return False  # the server cut the stream
+            pass  # the server cut the stream
+    return done, error
 
 
 class TestSignals:
@@ -192,22 +202,24 @@ class TestSignals:
         assert "agent_stopping" in events
         assert events[-1] == "agent_stopped"
 
-    def test_sigterm_after_grace_cancels_and_exits_0(self, start_agent):
-        """Past the grace period a stream is cut (no [DONE]), and the agent still exits 0."""
+    def test_sigterm_after_grace_stops_the_stream_with_an_error_and_exits_0(self, start_agent):
+        """Past the grace period a stream ends with a not_ready error event (never [DONE],
+        never a silent cut), and the agent still exits 0."""
         agent = start_agent(
             extra_args=["--context-length", "16384"], env={"EDGELM_SHUTDOWN_GRACE_S": "0.5"}
         )
-        assert asyncio.run(long_stream_then_sigterm(agent)) is False
+        assert asyncio.run(long_stream_then_sigterm(agent)) == (False, "not_ready")
         assert agent.wait() == 0
-        [cancelled] = agent.log_events("requests_cancelled")
-        assert cancelled["count"] == 1
+        [stopped] = agent.log_events("requests_stopped")
+        assert stopped["cancelled"] == 0  # it answered; nothing had to be cut
 
     def test_zero_grace_cancels_at_once(self, start_agent):
         """shutdown_grace_s = 0 means no grace at all, not 'wait forever'."""
         agent = start_agent(
             extra_args=["--context-length", "16384"], env={"EDGELM_SHUTDOWN_GRACE_S": "0"}
         )
-        assert asyncio.run(long_stream_then_sigterm(agent)) is False
+        done, _ = asyncio.run(long_stream_then_sigterm(agent))
+        assert not done
         assert agent.wait() == 0
         [stopped] = agent.log_events("generation_cancelled")
         assert stopped["completion_tokens"] < 16000

@@ -94,3 +94,37 @@ class TestLoader:
         assert detect_format(TINY_ONNX) == "onnx"
         with pytest.raises(ModelLoadError, match=r"genai_config\.json"):
             detect_format(short_tmp)
+
+
+class TestAcceleratorSettings:
+    def test_gpu_layers_reach_llama_cpp(self):
+        """The gpu_layers setting is what llama.cpp is given, and what the model reports."""
+        backend = load_backend(TINY_GGUF, threads=2, context_length=256, gpu_layers=3)
+        try:
+            assert backend._llm.model_params.n_gpu_layers == 3  # type: ignore[attr-defined]
+            assert backend.info.accelerator.gpu_layers == 3
+            assert backend.info.accelerator.gpu_offload is False  # this machine's CPU build
+        finally:
+            backend.close()
+
+    def test_gpu_layers_default_to_none_on_a_cpu_build(self):
+        """Left unset, a build that cannot offload gets 0 layers: the CPU, said plainly."""
+        backend = load_backend(TINY_GGUF, threads=2, context_length=256)
+        try:
+            assert backend._llm.model_params.n_gpu_layers == 0  # type: ignore[attr-defined]
+            assert backend.info.accelerator.as_dict() == {"gpu_offload": False, "gpu_layers": 0}
+        finally:
+            backend.close()
+
+    def test_an_onnx_provider_the_runtime_lacks_is_a_clear_load_error(self):
+        """Asking a CPU-only onnxruntime-genai for CUDA fails at load, naming the provider."""
+        with pytest.raises(ModelLoadError, match="execution provider cuda"):
+            load_backend(TINY_ONNX, threads=2, context_length=256, onnx_provider="cuda")
+
+    def test_the_cpu_provider_is_reported(self):
+        """The ONNX model reports the provider it runs on."""
+        backend = load_backend(TINY_ONNX, threads=2, context_length=256, onnx_provider="cpu")
+        try:
+            assert backend.info.accelerator.execution_provider == "cpu"
+        finally:
+            backend.close()

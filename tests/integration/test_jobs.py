@@ -433,7 +433,6 @@ class TestRunTimeFailures:
     @pytest.mark.parametrize(
         ("request_body", "code"),
         [
-            pytest.param({**GOOD, "model": "no-such-model"}, "model_not_found", id="unknown-model"),
             pytest.param(completion("good", 20000), "context_length_exceeded", id="too-long"),
         ],
     )
@@ -581,8 +580,11 @@ class TestWithoutAModel:
         is expired and reported all the same."""
         agent = start_agent(None, ready=False).wait_alive()  # never ready without a model
         async with session(agent) as s:
-            doomed = await submit(s, job_body("good", 3, ttl_s=1, report="upstream"))
-            patient = await submit(s, job_body("good", 3))
+            # The agent has no model at all, so these name one that may arrive.
+            doomed = await submit(
+                s, job_body("good", 3, ttl_s=1, report="upstream", wait_for_model=True)
+            )
+            patient = await submit(s, job_body("good", 3, wait_for_model=True))
             expired = await wait_state(s, doomed["id"], {"expired"})
             waiting = await show(s, patient["id"])
         assert expired["attempts"] == 0
@@ -765,11 +767,13 @@ class TestCli:
         deadline = time.monotonic() + 60
         while True:
             shown = jobs_cli(api_agent, "show", job["id"], "--json")
-            assert shown.returncode == 0, shown.stderr
-            if json.loads(shown.stdout)["state"] in FINAL:
+            state = json.loads(shown.stdout)["state"]
+            if state in FINAL:
                 break
+            assert shown.returncode == 4, shown.stderr  # not finished yet: a script waits
             assert time.monotonic() < deadline, shown.stdout
             time.sleep(0.2)
+        assert shown.returncode == 0, shown.stderr  # succeeded
         assert text_of(json.loads(shown.stdout)) == " bye"
         readable = jobs_cli(api_agent, "show", job["id"])
         assert f"{job['id']}: succeeded" in readable.stderr  # status for people on stderr,
@@ -791,6 +795,20 @@ class TestCli:
         finished = jobs_cli(api_agent, "cancel", job["id"])
         assert finished.returncode == 1
         assert "cannot be cancelled" in finished.stderr + finished.stdout
+
+        # A job for a model still to come waits for it; scripts see that and its end.
+        unknown_model = ["submit", "--model", "not-here-yet", "--completion", "good"]
+        refused = jobs_cli(api_agent, *unknown_model, "--json")
+        assert refused.returncode == 1
+        assert json.loads(refused.stdout)["error"]["reference"] == "agent-model_not_found"
+        doomed = jobs_cli(api_agent, *unknown_model, "--wait-for-model", "--json")
+        assert doomed.returncode == 0, doomed.stderr
+        doomed_id = json.loads(doomed.stdout)["id"]
+        assert jobs_cli(api_agent, "show", doomed_id).returncode == 4  # queued
+        assert jobs_cli(api_agent, "cancel", doomed_id).returncode == 0
+        ended = jobs_cli(api_agent, "show", doomed_id)
+        assert ended.returncode == 3  # ended without a result: a script can tell
+        assert f"{doomed_id}: cancelled" in ended.stderr
 
         unknown = jobs_cli(api_agent, "show", "job-unknown", "--json")
         assert unknown.returncode == 1

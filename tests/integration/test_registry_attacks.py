@@ -830,7 +830,8 @@ class TestModelMetadata:
             (changed(format="exe"), "unknown format 'exe'"),
             (changed(backend="onnxruntime-genai"), "runs on llama.cpp"),
             (changed(version="1.0"), "edgelm.name/version disagree with its path"),
-            (changed(context_length=0), "context_length or min_ram_bytes invalid"),
+            (changed(context_length=0), "context_length must be at least 128, got 0"),
+            (changed(context_length=8), "context_length must be at least 128, got 8"),
             (changed(min_ram_bytes="lots"), "edgelm.min_ram_bytes has the wrong type"),
         ],
     )

@@ -135,6 +135,33 @@ class TestActivation:
         finally:
             agent.stop()
 
+    async def test_a_context_that_cannot_hold_the_health_check_fails_activation(self, start_agent):
+        """The health check takes the serving path: a model whose context cannot hold the
+        check's prompt and reply is not activated (it could not answer a client either)."""
+        first = start_agent(TINY_GGUF)
+        assert first.stop() == 0
+        root = first.workdir / "state" / "registry"
+        writer = RepositoryWriter.open(root / "local-repo", root / "local-keys")
+        publish_tiny(
+            writer,
+            "tiny-cramped",
+            context_length=128,
+            health_check={"prompt": "hello", "max_tokens": 200},
+        )
+        writer.publish()
+        Registry(RegistryConfig(root=root, free_margin_bytes=0)).install("tiny-cramped", "1.0")
+        agent = AgentProcess(first.workdir, model=None).wait_ready()
+        try:
+            status, body = agent.request(
+                "POST", "/v1/registry/activate", {"model": "tiny-cramped@1.0"}
+            )
+            assert status == 422
+            assert body["error"]["code"] == "activation_failed"
+            assert "exceeds the context length of 128" in body["error"]["message"]
+            assert (await served_model(agent))[0] == "tiny-llama"
+        finally:
+            agent.stop()
+
     async def test_switch_keeps_running_requests_on_the_old_model(self, start_agent):
         """A stream that started on the old model finishes on it after the switch."""
         agent = start_agent(TINY_GGUF, extra_args=["--context-length", "16384"])

@@ -46,6 +46,39 @@ class TestHttpAccessPolicy:
         with pytest.raises(ForbiddenHost, match="Origin"):
             policy.check(host="127.0.0.1:8470", origin="https://evil.example", authorization=None)
 
+    @pytest.mark.parametrize(
+        "origin",
+        ["http://localhost", "http://127.0.0.1", "http://[::1]", "http://localhost:80"],
+    )
+    def test_pages_on_other_ports_of_this_machine_are_other_origins(self, origin):
+        """A page on port 80 of the same machine is not the agent: refused unless configured."""
+        policy = HttpAccessPolicy.for_listener(LOOPBACK, None)
+        with pytest.raises(ForbiddenHost, match="Origin"):
+            policy.check(host="127.0.0.1:8470", origin=origin, authorization=None)
+        configured = HttpAccessPolicy.for_listener(LOOPBACK, None, (origin,))
+        configured.check(host="127.0.0.1:8470", origin=origin, authorization=None)
+
+    @pytest.mark.parametrize(
+        "origin", ["http://127.0.0.1:8470", "http://localhost:8470", "http://[::1]:8470"]
+    )
+    def test_the_listeners_own_origin_is_implied(self, origin):
+        """The listener's own origin (its port, under each loopback name) needs no setting."""
+        HttpAccessPolicy.for_listener(LOOPBACK, None).check(
+            host="127.0.0.1:8470", origin=origin, authorization=None
+        )
+
+    def test_refused_host_message_names_every_address_with_its_port(self):
+        """The 403 says how to call the agent, each name with its port, [::1] included."""
+        with pytest.raises(ForbiddenHost) as refused:
+            HttpAccessPolicy.for_listener(LOOPBACK, None).check(
+                host="evil.example", origin=None, authorization=None
+            )
+        message = str(refused.value)
+        for host in ("127.0.0.1:8470", "localhost:8470", "[::1]:8470"):
+            assert host in message
+        assert "[::1] " not in message
+        assert not message.endswith("[::1]")
+
     def test_configured_origin_is_allowed(self):
         """An origin listed in allowed_origins may call the API."""
         policy = HttpAccessPolicy.for_listener(LOOPBACK, None, ("http://localhost:3000",))

@@ -159,6 +159,7 @@ class TestLifecycle:
 # --- the store ---------------------------------------------------------------------------------
 
 KEYS = ("key-a", "key-b", "key-c")
+MODELS = ("m", "n")
 
 
 @dataclass
@@ -170,6 +171,7 @@ class ModelJob:
     report: str
     key: str | None
     deadline: float | None
+    model: str = "m"
     state: str = "queued"
     attempts: int = 0
     not_before: float = 0.0
@@ -186,6 +188,7 @@ class Submission:
     upstream: bool
     max_attempts: int
     room: bool  # whether the outbox has room for another upstream job
+    model: str = "m"  # jobs run only on their own model; two models share the queue
 
 
 SUBMISSIONS = st.builds(
@@ -196,6 +199,7 @@ SUBMISSIONS = st.builds(
     upstream=st.booleans(),
     max_attempts=st.integers(1, 3),
     room=st.sampled_from([True, True, True, False]),
+    model=st.sampled_from(MODELS),
 )
 
 
@@ -243,8 +247,11 @@ class StoreMachine(RuleBasedStateMachine):
         return sum(
             1
             for other in self.in_state("queued")
-            if other.priority > job.priority
-            or (other.priority == job.priority and other.order < job.order)
+            if other.model == job.model
+            and (
+                other.priority > job.priority
+                or (other.priority == job.priority and other.order < job.order)
+            )
         )
 
     def not_before_in_db(self, job_id: str) -> float:
@@ -256,7 +263,7 @@ class StoreMachine(RuleBasedStateMachine):
     def submit_one(self, sub: Submission) -> None:
         spec = store.JobSpec(
             kind="completion",
-            request={"model": "m", "prompt": "good", "max_tokens": 3},
+            request={"model": sub.model, "prompt": "good", "max_tokens": 3},
             priority=sub.priority,
             deadline=None if sub.ttl is None else self.now + sub.ttl,
             idempotency_key=sub.key,
@@ -271,10 +278,11 @@ class StoreMachine(RuleBasedStateMachine):
             return
         if earlier is not None:
             first = self.jobs[earlier]
-            if (first.priority, first.max_attempts, first.report) != (
+            if (first.priority, first.max_attempts, first.report, first.model) != (
                 sub.priority,
                 sub.max_attempts,
                 spec.report,
+                sub.model,
             ):  # the key replayed with another payload: refused, nothing new
                 with pytest.raises(store.IdempotencyKeyReused):
                     self.db.run_sync(store.submit(spec, sub.room))
@@ -295,6 +303,7 @@ class StoreMachine(RuleBasedStateMachine):
             report=spec.report,
             key=sub.key,
             deadline=spec.deadline,
+            model=sub.model,
         )
         self.jobs[job.id] = job
         self.order.append(job.id)
@@ -315,14 +324,14 @@ class StoreMachine(RuleBasedStateMachine):
     def advance_clock(self, dt: float) -> None:
         self.now += dt
 
-    @rule()
-    def claim(self) -> None:
+    @rule(model=st.sampled_from(MODELS))
+    def claim(self, model: str) -> None:
         for job in self.in_state("queued"):
             if job.deadline is not None and job.deadline < self.now:
                 job.state = "expired"
-        due = [j for j in self.in_state("queued") if j.not_before <= self.now]
+        due = [j for j in self.in_state("queued") if j.not_before <= self.now and j.model == model]
         expected = min(due, key=lambda j: (-j.priority, j.order), default=None)
-        claimed = self.db.run_sync(store.claim(self.now))
+        claimed = self.db.run_sync(store.claim(self.now, model))
         if expected is None:
             assert claimed is None
             return
@@ -435,8 +444,9 @@ class StoreMachine(RuleBasedStateMachine):
         assert {r["idempotency_key"]: r["id"] for r in rows if r["idempotency_key"]} == self.keys
 
         positions = view["positions"]
-        queued = self.in_state("queued")
-        assert sorted(positions[j.id] for j in queued) == list(range(len(queued)))
+        for model in MODELS:  # each model's queue is its own
+            queued = [j for j in self.in_state("queued") if j.model == model]
+            assert sorted(positions[j.id] for j in queued) == list(range(len(queued)))
         for job in self.jobs.values():
             assert positions[job.id] == self.expected_position(job)
 
@@ -472,7 +482,7 @@ class TestStore:
                 kind="completion", request={"prompt": "good"}, report="upstream", max_attempts=1
             )
             job, _ = db.run_sync(store.submit(spec))
-            assert db.run_sync(store.claim(time.time()))["id"] == job["id"]
+            assert db.run_sync(store.claim(time.time(), ""))["id"] == job["id"]
             assert db.run_sync(store.recover) == 1
             after, _ = db.run_sync(store.get(job["id"]))
             assert after["state"] == "dead"

@@ -94,7 +94,7 @@ class TestMigrations:
             ('{"model": "m", "prompt": "hi"}',),
         )
         monkeypatch.setattr(database, "MIGRATIONS", MIGRATIONS)
-        assert migrate(conn) == ["0005_idempotency_fingerprint"]
+        assert migrate(conn) == ["0005_idempotency_fingerprint", "0006_job_model"]
         conn.execute("BEGIN")
         same, created = store.submit(old)(conn)
         assert (same["id"], created) == ("job-old", False)
@@ -103,6 +103,26 @@ class TestMigrations:
                 store.JobSpec(kind="completion", request={"prompt": "other"}, idempotency_key="k")
             )(conn)
         conn.execute("ROLLBACK")
+
+    def test_upgrade_gives_stored_jobs_their_model(self, tmp_path, monkeypatch):
+        """Jobs stored before 0006 get the model their request names (and a row whose request
+        no longer decodes gets none, instead of failing the upgrade)."""
+        import edgelm_agent.jobs.database as database
+
+        conn = connect(tmp_path / "agent.db")
+        monkeypatch.setattr(database, "MIGRATIONS", MIGRATIONS[:5])
+        migrate(conn)
+        for job_id, request in (("job-a", '{"model": "m", "prompt": "hi"}'), ("job-b", "{oops")):
+            conn.execute(
+                "INSERT INTO jobs (id, state, kind, priority, request, report, attempts, "
+                "max_attempts, created_at, updated_at, not_before) "
+                "VALUES (?, 'queued', 'completion', 0, ?, 'local', 0, 3, 1, 1, 0)",
+                (job_id, request),
+            )
+        monkeypatch.setattr(database, "MIGRATIONS", MIGRATIONS)
+        assert migrate(conn) == ["0006_job_model"]
+        models = dict(conn.execute("SELECT id, model FROM jobs").fetchall())
+        assert models == {"job-a": "m", "job-b": ""}
 
     def test_migrations_do_not_load_numpy(self, tmp_path):
         """sqlite_utils would import numpy (16 MB) for nothing; an idle agent must not pay it."""

@@ -6,7 +6,10 @@ reachable by anything on the box, including a web page in the kiosk's browser, s
 * **DNS rebinding**: a page on ``evil.example`` whose name later resolves to 127.0.0.1 sends
   ``Host: evil.example``. We accept only the loopback names and addresses we listen on.
 * **Cross-site requests**: a page can POST to ``http://127.0.0.1:8470`` with the right Host but
-  cannot hide its ``Origin``; we refuse origins that are not configured.
+  cannot hide its ``Origin``; we refuse origins that are not configured. Only the listener's
+  own origin (``http://127.0.0.1:8470``, and the same port under the other loopback names) is
+  implied: a page on another port of the same machine (``http://localhost``, port 80) is
+  another origin, and gets nothing unless it is listed in ``allowed_origins``.
 * **Bearer token**: when ``api_token`` is set, every HTTP request must carry it. Binding a
   non-loopback address requires one (checked at startup), and then Host is not restricted.
 
@@ -39,26 +42,30 @@ class HttpAccessPolicy:
     allowed_origins: frozenset[str]
     api_token: str | None
     restrict_host: bool
+    #: How to call the agent, for the message of a refused Host: each name with its port.
+    preferred_hosts: tuple[str, ...] = ()
 
     @classmethod
     def for_listener(
         cls, listen: HttpListen, api_token: str | None, allowed_origins: tuple[str, ...] = ()
     ) -> HttpAccessPolicy:
         names = {listen.host if ":" not in listen.host else f"[{listen.host}]", *LOOPBACK_NAMES}
-        hosts = {n for name in names for n in (name, f"{name}:{listen.port}")}
-        origins = {f"http://{h}" for h in hosts} | set(allowed_origins)
+        with_port = {f"{name}:{listen.port}" for name in names}
+        hosts = names | with_port
+        origins = {f"http://{h}" for h in with_port} | set(allowed_origins)
         return cls(
             allowed_hosts=frozenset(h.lower() for h in hosts),
             allowed_origins=frozenset(o.lower() for o in origins),
             api_token=api_token,
             restrict_host=listen.is_loopback,
+            preferred_hosts=tuple(sorted(with_port)),
         )
 
     def check_origin(self, *, host: str | None, origin: str | None) -> None:
         if self.restrict_host and (host is None or host.lower() not in self.allowed_hosts):
             raise ForbiddenHost(
                 f"Host header {host!r} is not allowed; call this agent as "
-                f"{' or '.join(sorted(h for h in self.allowed_hosts if ':' in h))}"
+                f"{' or '.join(self.preferred_hosts)}"
             )
         if origin is not None and origin.rstrip("/").lower() not in self.allowed_origins:
             raise ForbiddenHost(

@@ -21,7 +21,8 @@ from edgelm_agent.api.context import (
     ApiContext,
 )
 from edgelm_agent.api.errors import error_response, http_exception_response, internal_error_response
-from edgelm_agent.errors import EdgelmError
+from edgelm_agent.errors import EdgelmError, InvalidRequest
+from edgelm_agent.valid_unicode import describe, is_valid_text
 
 log = structlog.get_logger(__name__)
 
@@ -45,8 +46,19 @@ def _route_label(request: web.Request) -> str:
     return resource.canonical if resource is not None else "unmatched"
 
 
+def _check_url_text(request: web.Request) -> None:
+    """The path and query must be valid Unicode before any handler uses them as a job id or
+    a filter: raw bytes that are not UTF-8 reach Python as lone surrogates."""
+    if not is_valid_text(request.path):
+        raise InvalidRequest(describe("the URL path"), param="path")
+    for name, value in request.query.items():
+        if not is_valid_text(name) or not is_valid_text(value):
+            raise InvalidRequest(describe("a query parameter"), param="query")
+
+
 async def _guarded(request: web.Request, handler: Any, ctx: ApiContext) -> web.StreamResponse:
     """Apply the HTTP listener's access policy, then run the handler."""
+    _check_url_text(request)
     policy = ctx.http_policy
     if policy is None or _arrived_on_unix_socket(request):
         direct: web.StreamResponse = await handler(request)

@@ -11,6 +11,7 @@ from aiohttp import web
 from edgelm_agent.api.access import HttpAccessPolicy
 from edgelm_agent.metrics import AgentMetrics
 from edgelm_agent.model_manager import ModelManager
+from edgelm_agent.services import Supervisor
 from edgelm_agent.serving import ModelHost
 
 
@@ -23,6 +24,10 @@ class ApiContext:
     http_policy: HttpAccessPolicy | None
     #: Activation and registry changes; ``None`` in tests that serve a bare model.
     models: ModelManager | None = None
+    #: The long-running services, for /readyz; ``None`` in tests that serve a bare model.
+    services: Supervisor | None = None
+    #: A request body must arrive within this many seconds of its headers.
+    body_timeout_s: float = 30.0
     #: Handler tasks still running; the daemon gives them the grace period at shutdown.
     inflight: set[asyncio.Task[Any]] = field(default_factory=set)
 

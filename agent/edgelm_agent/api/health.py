@@ -15,28 +15,40 @@ async def healthz(request: web.Request) -> web.Response:
 
 async def readyz(request: web.Request) -> web.Response:
     """Ready: a model is loaded, answered its warm-up, is not failing request after request,
-    and we are not shutting down."""
-    host = request.app[API_CONTEXT].host
+    every long-running service is healthy, and we are not shutting down."""
+    ctx = request.app[API_CONTEXT]
+    host = ctx.host
     active = host.active
+    services = {h.name: h.as_dict() for h in ctx.services.health()} if ctx.services else {}
+    failing = [name for name, h in services.items() if not h["healthy"]]
     if host.draining:
         return web.json_response({"status": "draining"}, status=503)
     if active is None:
-        return web.json_response({"status": "loading"}, status=503)
-    if active.health.degraded:
-        return web.json_response(
-            {
-                "status": "degraded",
-                "model": active.model_id,
-                "consecutive_failures": active.health.count,
-            },
-            status=503,
-        )
+        if host.starting:
+            return web.json_response({"status": "loading"}, status=503)
+        body: dict[str, object] = {
+            "status": "no_model",
+            "message": "no model is active; import one with `edgelm models import PATH`",
+            "services": services,
+        }
+        if failing:
+            body["failing_services"] = failing
+        return web.json_response(body, status=503)
+    if active.health.degraded or failing:
+        body = {"status": "degraded", "model": active.model_id}
+        if active.health.degraded:
+            body["consecutive_failures"] = active.health.count
+        if failing:
+            body["failing_services"] = failing
+        body["services"] = services
+        return web.json_response(body, status=503)
     return web.json_response(
         {
             "status": "ready",
             "model": active.model_id,
             "queue_depth": active.scheduler.queue_depth,
             "busy": active.scheduler.busy,
+            "services": services,
         }
     )
 

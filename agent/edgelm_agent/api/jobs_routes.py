@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,15 +17,17 @@ from aiohttp import web
 
 from edgelm_agent.api.openai_routes import read_json
 from edgelm_agent.api.openai_schema import parse_chat, parse_completion
-from edgelm_agent.errors import InvalidRequest, NotReady
+from edgelm_agent.errors import InvalidRequest, ModelNotFound, NotReady
 from edgelm_agent.jobs import outbox, store
 from edgelm_agent.jobs.database import Database
 from edgelm_agent.jobs.outbox import OutboxLimits
 from edgelm_agent.jobs.worker import JobWorker
+from edgelm_agent.model_manager import ModelManager
 
 MAX_METADATA_BYTES = 16 << 10
 MAX_KEY_CHARS = 128
 MAX_LIST = 500
+MAX_CURSOR = 2**63 - 1  # a job sequence number is an SQLite integer
 
 
 @dataclass(frozen=True)
@@ -32,6 +35,9 @@ class JobsContext:
     db: Database
     worker: JobWorker
     outbox_limits: OutboxLimits
+    #: Which models exist, so a job for a model that does not is refused at once;
+    #: ``None`` skips the check (tests with a bare model).
+    models: ModelManager | None = None
 
 
 JOBS = web.AppKey("jobs", JobsContext)
@@ -66,7 +72,7 @@ def parse_job(body: dict[str, Any], now: float) -> store.JobSpec:
         )
     metadata = body.get("metadata")
     if metadata is not None and (
-        not isinstance(metadata, dict) or len(json.dumps(metadata)) > MAX_METADATA_BYTES
+        not isinstance(metadata, dict) or _json_bytes(metadata) > MAX_METADATA_BYTES
     ):
         raise InvalidRequest(
             f"'metadata' must be an object of at most {MAX_METADATA_BYTES} bytes of JSON",
@@ -75,6 +81,9 @@ def parse_job(body: dict[str, Any], now: float) -> store.JobSpec:
     report = body.get("report", "local")
     if report not in ("local", "upstream"):
         raise InvalidRequest("'report' must be 'local' or 'upstream'", param="report")
+    wait_for_model = body.get("wait_for_model", False)
+    if not isinstance(wait_for_model, bool):
+        raise InvalidRequest("'wait_for_model' must be true or false", param="wait_for_model")
     attempts = body.get("max_attempts", 3)
     if isinstance(attempts, bool) or not isinstance(attempts, int) or not 1 <= attempts <= 10:
         raise InvalidRequest("'max_attempts' must be an integer from 1 to 10", param="max_attempts")
@@ -87,7 +96,14 @@ def parse_job(body: dict[str, Any], now: float) -> store.JobSpec:
         metadata=metadata,
         report=report,
         max_attempts=attempts,
+        wait_for_model=wait_for_model,
     )
+
+
+def _json_bytes(value: Any) -> int:
+    """Size as stored: UTF-8 bytes, so non-Latin text is not counted six times over as
+    ``\\uXXXX`` escapes."""
+    return len(json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode())
 
 
 def _deadline(body: dict[str, Any], now: float) -> float | None:
@@ -118,6 +134,10 @@ def _with_position(job: dict[str, Any], position: int | None) -> dict[str, Any]:
 async def submit(request: web.Request) -> web.Response:
     jobs = _jobs(request)
     spec = parse_job(await read_json(request), time.time())
+    if jobs.models is not None and not spec.wait_for_model:
+        known = await jobs.models.known_models()
+        if spec.model not in known:
+            raise ModelNotFound(spec.model, sorted(known), what="installed or offered")
     room = (
         await jobs.db.run(outbox.has_room(jobs.outbox_limits))
         if spec.report == "upstream"
@@ -136,15 +156,24 @@ async def show(request: web.Request) -> web.Response:
     return web.json_response(_with_position(job, position))
 
 
+def _query_int(
+    query: Mapping[str, str], name: str, default: int | None, lo: int, hi: int
+) -> int | None:
+    raw = query.get(name)
+    if raw is None:
+        return default
+    if not raw.isascii() or not raw.isdigit() or not lo <= int(raw) <= hi:
+        raise InvalidRequest(
+            f"{name!r} must be an integer from {lo} to {hi}, got {raw!r}", param=name
+        )
+    return int(raw)
+
+
 async def list_jobs(request: web.Request) -> web.Response:
     query = request.query
-    try:
-        limit = int(query.get("limit", "50"))
-        cursor = int(query["cursor"]) if "cursor" in query else None
-    except ValueError as exc:
-        raise InvalidRequest("'limit' and 'cursor' must be integers", param="limit") from exc
-    if not 1 <= limit <= MAX_LIST:
-        raise InvalidRequest(f"'limit' must be 1-{MAX_LIST}", param="limit")
+    limit = _query_int(query, "limit", 50, 1, MAX_LIST)
+    cursor = _query_int(query, "cursor", None, 0, MAX_CURSOR)
+    assert limit is not None
     jobs, next_cursor = await _jobs(request).db.run(
         store.list_jobs(query.get("state"), limit, cursor)
     )

@@ -29,7 +29,7 @@ from edgelm_agent.api.openai_format import (
 )
 from edgelm_agent.api.openai_schema import decode_json_object, parse_chat, parse_completion
 from edgelm_agent.api.sse import SseStream, sse_event
-from edgelm_agent.errors import BackendError, PayloadTooLarge
+from edgelm_agent.errors import BackendError, NotReady, PayloadTooLarge, RequestTimeout
 from edgelm_agent.inference.types import Finished, GenerationRequest, SamplingFields, TextDelta
 from edgelm_agent.serving import ServingModel
 
@@ -38,10 +38,16 @@ T = TypeVar("T")
 
 
 async def read_json(request: web.Request) -> dict[str, Any]:
+    ctx = request.app[API_CONTEXT]
     try:
-        raw = await request.read()
+        async with asyncio.timeout(ctx.body_timeout_s):  # a trickled body cannot hold a slot
+            raw = await request.read()
     except web.HTTPRequestEntityTooLarge as exc:
-        raise PayloadTooLarge(limit_bytes=request.app[API_CONTEXT].max_body_bytes) from exc
+        raise PayloadTooLarge(limit_bytes=ctx.max_body_bytes) from exc
+    except TimeoutError as exc:
+        raise RequestTimeout(
+            f"the request body did not arrive within {ctx.body_timeout_s:g} s"
+        ) from exc
     return decode_json_object(raw)
 
 
@@ -105,6 +111,7 @@ def _model_card(m: ServingModel) -> dict[str, Any]:
         "format": m.info.format,
         "backend": m.info.backend,
         "context_length": m.context_length,
+        "accelerator": m.info.accelerator.as_dict(),
     }
 
 
@@ -171,6 +178,17 @@ class Generation:
             facts["error"] = exc.code
             return await sse.fail(str(exc), exc.error_type, exc.code)
         assert finished is not None  # the scheduler always ends a stream with Finished
+        if finished.reason == "cancelled":
+            # Only the end of the shutdown grace stops a generation whose client is still
+            # here; a partial answer must not pass for a whole one.
+            stopped = NotReady(
+                "the agent is shutting down; the answer was stopped before its end",
+                retry_after_s=5,
+            )
+            if sse is None or not sse.opened:
+                raise stopped
+            facts["error"] = stopped.code
+            return await sse.fail(str(stopped), stopped.error_type, stopped.code)
         usage = Usage(len(self.tokens), finished.completion_tokens)
         self._observe(finished, usage)
         if sse is None:

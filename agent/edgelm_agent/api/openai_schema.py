@@ -15,6 +15,7 @@ from typing import Any
 from edgelm_agent.errors import InvalidRequest
 from edgelm_agent.inference.chat_template import ChatMessage
 from edgelm_agent.inference.types import SamplingFields
+from edgelm_agent.valid_unicode import describe, first_invalid_text
 
 MAX_STOP_SEQUENCES = 4  # OpenAI's limit; a kiosk app needs no more
 ROLES = ("system", "user", "assistant", "tool", "developer")
@@ -38,15 +39,22 @@ class ChatBody:
     sampling: SamplingFields
 
 
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
 def decode_json_object(raw: bytes) -> dict[str, Any]:
     try:
-        data = json.loads(raw)
+        data = json.loads(raw, parse_constant=_refuse_constant)
     except RecursionError as exc:  # absurdly deep nesting; json raises rather than parses
         raise InvalidRequest("request body is nested too deeply") from exc
     except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, over-long integers
         raise InvalidRequest(f"request body is not valid JSON: {exc}") from exc
     if not isinstance(data, dict):
         raise InvalidRequest(f"request body must be a JSON object, got {type(data).__name__}")
+    invalid = first_invalid_text(data)
+    if invalid is not None:
+        raise InvalidRequest(describe(invalid), param=invalid)
     return data
 
 
@@ -233,6 +241,10 @@ def parse_completion(data: dict[str, Any]) -> CompletionBody:
         prompt = prompt[0]  # the openai client may wrap a single prompt in a list
     if not isinstance(prompt, str):
         raise InvalidRequest("'prompt' must be a string", param="prompt")
+    if not prompt:
+        # Refused here, for every model alike: one that adds a BOS token would otherwise
+        # generate from nothing while one that does not refuses the empty prompt.
+        raise InvalidRequest("'prompt' must not be empty", param="prompt")
     return CompletionBody(
         model=_required_str(data, "model"),
         prompt=prompt,

@@ -16,6 +16,7 @@ from aiohttp import web
 from edgelm_agent.api.context import API_CONTEXT
 from edgelm_agent.api.openai_routes import read_json
 from edgelm_agent.errors import InvalidRequest, NotReady
+from edgelm_agent.inference.types import MIN_CONTEXT_LENGTH
 from edgelm_agent.model_manager import ModelManager
 from edgelm_agent.registry.state import RegistryState
 
@@ -70,9 +71,12 @@ async def import_model(request: web.Request) -> web.Response:
     if (
         isinstance(context_length, bool)
         or not isinstance(context_length, int)
-        or (context_length <= 0)
+        or context_length < MIN_CONTEXT_LENGTH
     ):
-        raise InvalidRequest("'context_length' must be a positive integer", param="context_length")
+        raise InvalidRequest(
+            f"'context_length' must be an integer of at least {MIN_CONTEXT_LENGTH}",
+            param="context_length",
+        )
     manager = _manager(request)
     target = await manager.exclusive(
         manager.registry.import_model,

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import shlex
+import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -17,24 +20,45 @@ from edgelm_agent.daemon import Daemon, ReadyInfo
 from edgelm_agent.errors import ConfigError, ModelError
 from edgelm_agent.logs import configure_logging
 from edgelm_cli.diagnostics import DiagnosticError
+from edgelm_cli.groups import SuggestingGroup
 
 
-@click.group()
+@click.group(cls=SuggestingGroup)
 def agent() -> None:
     """Run and inspect the on-device agent."""
 
 
+def _edgelm_command() -> str:
+    """How to call ``edgelm`` from another terminal, as a command that works when pasted: the
+    bare name only if the ``edgelm`` on PATH is this one (in a virtualenv it usually is not)."""
+    beside = Path(sys.executable).with_name("edgelm")
+    if beside.exists():
+        on_path = shutil.which("edgelm")
+        if on_path is not None and Path(on_path).resolve() == beside.resolve():
+            return "edgelm"
+        return shlex.quote(str(beside.absolute()))
+    return f"{shlex.quote(sys.executable)} -m edgelm_cli"
+
+
 def _banner(info: ReadyInfo) -> None:
-    """How to call the agent, printed once it is ready, for a person at a terminal."""
+    """How to call the agent, printed once it is ready, for a person at a terminal. Every
+    command works as printed, from any directory."""
     model = info.model_id or "MODEL"
-    lines = [f"[bold]model[/]  {model}", f"[bold]socket[/] {info.socket_path}"]
-    body = f'{{"model": "{model}", "messages": [{{"role": "user", "content": "Hello!"}}]}}'
+    socket = shlex.quote(str(info.socket_path.absolute()))
+    edgelm = _edgelm_command()
+    lines = [f"[bold]model[/]  {model}", f"[bold]socket[/] {socket}"]
+    body = (
+        f'{{"model": "{model}", "max_tokens": 64, '
+        '"messages": [{"role": "user", "content": "Hello!"}]}'
+    )
     lines += [
         "",
         "[bold]Unix socket[/]",
-        f"  curl --unix-socket {info.socket_path} http://localhost/v1/chat/completions \\",
+        f"  curl --unix-socket {socket} http://localhost/v1/chat/completions \\",
         f"    -H 'Content-Type: application/json' -d '{body}'",
-        f"  edgelm chat --socket {info.socket_path} 'Hello!'",
+        f"  export EDGELM_SOCKET={socket}   # then edgelm commands need no --socket",
+        f"  {edgelm} chat --max-tokens 64 'Hello!'",
+        f"  {edgelm} models list",
     ]
     if info.http is not None:
         lines += [
@@ -42,9 +66,36 @@ def _banner(info: ReadyInfo) -> None:
             "[bold]HTTP[/]",
             f"  curl http://{info.http}/v1/chat/completions \\",
             f"    -H 'Content-Type: application/json' -d '{body}'",
-            f"  OpenAI client: base_url='http://{info.http}/v1', api_key='unused'",
+            f"  OpenAI client (with {shlex.quote(sys.executable)}):",
+            f"    OpenAI(base_url='http://{info.http}/v1', api_key='unused')",
         ]
-    Console(stderr=True).print(Panel("\n".join(lines), title="edgelm agent ready", expand=False))
+    if info.model_id is None:
+        lines += ["", f"No model is active: {edgelm} models import PATH"]
+    Console(stderr=True, highlight=False).print(
+        Panel("\n".join(lines), title="edgelm agent ready", expand=False)
+    )
+
+
+def _separate_streams() -> bool:
+    """Whether stderr goes somewhere else than stdout. Where both go to one place (journald,
+    a log file) the JSON ``agent_ready`` event, which carries the addresses, is the ready
+    line: a plain line there would break a stream of JSON lines."""
+    try:
+        out, err = os.fstat(sys.stdout.fileno()), os.fstat(sys.stderr.fileno())
+    except (OSError, ValueError):
+        return True
+    return (out.st_dev, out.st_ino) != (err.st_dev, err.st_ino)
+
+
+def _ready_line(info: ReadyInfo) -> None:
+    """For a log or a supervisor rather than a person: one line, the addresses in it."""
+    http = f"http://{info.http}" if info.http is not None else "off"
+    print(
+        f"edgelm agent ready: socket={info.socket_path.absolute()} http={http} "
+        f"model={info.model_id or 'none'}",
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 @agent.command("run")
@@ -62,6 +113,12 @@ def _banner(info: ReadyInfo) -> None:
 @click.option("--model", help="Model to serve: a GGUF file or an ONNX GenAI folder.")
 @click.option("--threads", help="Generation threads. [default: one per core]")
 @click.option("--context-length", help="Context window in tokens. [default: 4096]")
+@click.option("--default-max-tokens", help="Reply length when a request sets none. [default: 512]")
+@click.option(
+    "--gpu-layers",
+    help="llama.cpp layers on the GPU. [default: all when the build supports it, else 0]",
+)
+@click.option("--onnx-provider", help="onnxruntime-genai execution provider: cpu or cuda.")
 @click.option("--max-queue", help="Requests that may wait for the model. [default: 16]")
 @click.option(
     "--log-format",
@@ -84,7 +141,7 @@ def run(config_file: Path | None, **flags: Any) -> None:
             "config-invalid", str(exc), hint="see docs/operator-guide.md for every setting"
         ) from exc
     configure_logging(config.log_format, config.log_level)
-    on_ready = _banner if sys.stderr.isatty() else None
+    on_ready = _banner if sys.stderr.isatty() else _ready_line if _separate_streams() else None
     try:
         asyncio.run(Daemon(config, on_ready=on_ready).run())
     except ConfigError as exc:

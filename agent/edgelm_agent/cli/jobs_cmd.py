@@ -14,8 +14,20 @@ from rich.table import Table
 from edgelm_agent.cli.socket_client import AgentClient
 from edgelm_agent.config import env_socket_path
 from edgelm_cli.diagnostics import DiagnosticError
+from edgelm_cli.groups import SuggestingGroup
 
 console = Console(stderr=True)
+
+#: ``edgelm jobs show`` exits with the job's outcome, so a script can branch on it. (1 is an
+#: error reaching or asking the agent; 2 is a usage error, as for every click command.)
+EXIT_SUCCEEDED = 0
+EXIT_ENDED_WITHOUT_RESULT = 3  # failed, dead, cancelled or expired
+EXIT_NOT_FINISHED = 4  # queued or running
+_EXIT_BY_STATE = {
+    "succeeded": EXIT_SUCCEEDED,
+    "queued": EXIT_NOT_FINISHED,
+    "running": EXIT_NOT_FINISHED,
+}
 
 
 def _call(
@@ -48,7 +60,7 @@ def _socket_and_json(fn: Any) -> Any:
     )(fn)
 
 
-@click.group()
+@click.group(cls=SuggestingGroup)
 def jobs() -> None:
     """Durable generation jobs: they survive crashes, reboots and days offline."""
 
@@ -72,6 +84,11 @@ def jobs() -> None:
 )
 @click.option("--idempotency-key", help="Submitting the same key again returns the same job.")
 @click.option("--upstream", is_flag=True, help="Also report the result to the control plane.")
+@click.option(
+    "--wait-for-model",
+    is_flag=True,
+    help="Accept the job even if its model is not on the device yet; it runs once it is.",
+)
 @click.option("--metadata", help="JSON object stored with the job and its result.")
 @_socket_and_json
 def submit_cmd(
@@ -83,6 +100,7 @@ def submit_cmd(
     ttl_s: float | None,
     idempotency_key: str | None,
     upstream: bool,
+    wait_for_model: bool,
     metadata: str | None,
     socket: Path | None,
     as_json: bool,
@@ -102,6 +120,8 @@ def submit_cmd(
     }
     if ttl_s is not None:
         body["ttl_s"] = ttl_s
+    if wait_for_model:
+        body["wait_for_model"] = True
     if idempotency_key:
         body["idempotency_key"] = idempotency_key
     if metadata:
@@ -157,17 +177,24 @@ def list_cmd(
 @click.argument("job_id")
 @_socket_and_json
 def show_cmd(job_id: str, socket: Path | None, as_json: bool) -> None:
-    """One job: its state, attempts, result or error."""
+    """One job: its state, attempts, result or error.
+
+    Exits 0 if the job succeeded, 3 if it ended without a result (failed, dead, cancelled,
+    expired), 4 if it is still queued or running, 1 if the agent could not be asked.
+    """
     job = _call(socket, as_json, "GET", f"/v1/jobs/{job_id}")
     if as_json:
         click.echo(json.dumps(job, indent=2))
-        return
-    console.print(f"{job['id']}: {job['state']} (attempt {job['attempts']}/{job['max_attempts']})")
-    if job["result"]:
-        choice = job["result"]["choices"][0]
-        click.echo(choice.get("message", {}).get("content", choice.get("text", "")))
-    if job["error"]:
-        console.print(f"[red]{job['error']['code']}[/]: {job['error']['message']}")
+    else:
+        console.print(
+            f"{job['id']}: {job['state']} (attempt {job['attempts']}/{job['max_attempts']})"
+        )
+        if job["result"]:
+            choice = job["result"]["choices"][0]
+            click.echo(choice.get("message", {}).get("content", choice.get("text", "")))
+        if job["error"]:
+            console.print(f"[red]{job['error']['code']}[/]: {job['error']['message']}")
+    raise SystemExit(_EXIT_BY_STATE.get(job["state"], EXIT_ENDED_WITHOUT_RESULT))
 
 
 @jobs.command("cancel")

@@ -26,8 +26,11 @@ from edgelm_agent.api.registry_routes import state_view
 from edgelm_agent.cli.socket_client import AgentClient
 from edgelm_agent.config import env_socket_path
 from edgelm_agent.errors import EdgelmError
+from edgelm_agent.inference.types import MIN_CONTEXT_LENGTH
 from edgelm_agent.registry.registry import Registry, RegistryConfig
+from edgelm_agent.state_dir import use_private_umask
 from edgelm_cli.diagnostics import DiagnosticError
+from edgelm_cli.groups import SuggestingGroup
 
 console = Console(stderr=True)
 
@@ -56,9 +59,22 @@ class Where:
             raise
 
     @contextmanager
-    def registry(self) -> Iterator[Registry]:
+    def registry(self, *, create: bool = False) -> Iterator[Registry]:
+        """The registry under ``--state-dir``. Only commands that add a model (``create``) may
+        start a new one: a mistyped path must not pass for an empty registry."""
         assert self.state_dir is not None
-        registry = Registry(RegistryConfig(root=self.state_dir / "registry"))
+        root = self.state_dir / "registry"
+        if not create and not root.is_dir():
+            raise DiagnosticError(
+                "state-dir-has-no-registry",
+                f"{self.state_dir} holds no model registry",
+                context=f"{root} does not exist",
+                hint="check the path (an agent's --state-dir); `edgelm models import` or "
+                "`install` with --state-dir creates a registry there",
+                as_json=self.as_json,
+            )
+        use_private_umask()
+        registry = Registry(RegistryConfig(root=root))
         try:
             with registry.locked():
                 yield registry
@@ -127,7 +143,7 @@ def _options(fn: Callable[..., Any]) -> Callable[..., Any]:
     )(fn)
 
 
-@click.group()
+@click.group(cls=SuggestingGroup)
 def models() -> None:
     """The device's signed model registry."""
 
@@ -157,7 +173,13 @@ def list_cmd(socket: Path | None, state_dir: Path | None, as_json: bool) -> None
 @click.argument("path", type=click.Path(path_type=Path, exists=True))
 @click.option("--name", help="Model name. [default: from the file name]")
 @click.option("--version", help="Version. [default: sha256-<first 12 hex digits>]")
-@click.option("--context-length", type=click.IntRange(min=1), default=4096, show_default=True)
+@click.option(
+    "--context-length",
+    type=click.IntRange(min=MIN_CONTEXT_LENGTH),
+    default=4096,
+    show_default=True,
+    help="Context window the model is served with (capped at what it was trained on).",
+)
 @_options
 def import_cmd(
     path: Path,
@@ -171,7 +193,7 @@ def import_cmd(
     """Sign a GGUF file or ONNX GenAI folder into this device's repository and install it."""
     where = Where(socket, state_dir, as_json)
     if state_dir is not None:
-        with where.registry() as registry, where.progress() as progress:
+        with where.registry(create=True) as registry, where.progress() as progress:
             target = registry.import_model(
                 path, name=name, version=version, context_length=context_length, progress=progress
             )
@@ -181,7 +203,8 @@ def import_cmd(
             "POST",
             "/v1/registry/import",
             {
-                "path": str(path.resolve()),
+                # absolute, not resolved: a link stays a link, which the agent refuses to read
+                "path": str(path.absolute()),
                 "name": name,
                 "version": version,
                 "context_length": context_length,

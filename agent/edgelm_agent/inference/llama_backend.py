@@ -21,7 +21,7 @@ import structlog
 
 from edgelm_agent.errors import ModelLoadError
 from edgelm_agent.inference.special_text import special_pattern, split_special
-from edgelm_agent.inference.types import ModelInfo, SamplingParams
+from edgelm_agent.inference.types import Acceleration, ModelInfo, SamplingParams
 
 log = structlog.get_logger(__name__)
 
@@ -118,17 +118,29 @@ class LlamaCppBackend:
 
     @classmethod
     def load(
-        cls, path: Path, *, model_id: str, threads: int, context_length: int
+        cls,
+        path: Path,
+        *,
+        model_id: str,
+        threads: int,
+        context_length: int,
+        gpu_layers: int | None = None,
     ) -> LlamaCppBackend:
         llama_cpp.llama_log_set(_forward_runtime_log, ctypes.c_void_p(0))
         # Size the KV cache for what the model was trained on, never more than configured.
         n_ctx = min(context_length, trained_context_length(path) or context_length)
+        offload = bool(llama_cpp.llama_supports_gpu_offload())
+        if gpu_layers is None:  # the default: the GPU when this build has one, else the CPU
+            gpu_layers = -1 if offload else 0
+        elif gpu_layers and not offload:
+            log.warning("gpu_offload_unavailable", model=model_id, gpu_layers=gpu_layers)
         try:
             llm = llama_cpp.Llama(
                 model_path=str(path),
                 n_ctx=n_ctx,
                 n_threads=threads,
                 n_threads_batch=threads,
+                n_gpu_layers=gpu_layers,
                 verbose=False,
             )
         except (ValueError, RuntimeError, OSError) as exc:
@@ -146,6 +158,7 @@ class LlamaCppBackend:
             eos_token=cls._special_text(llm, eos),
             created=int(time.time()),
             special_texts=cls._special_texts(llm),
+            accelerator=Acceleration(gpu_offload=offload, gpu_layers=gpu_layers),
         )
         return cls(llm, info)
 

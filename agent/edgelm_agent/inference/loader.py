@@ -51,7 +51,13 @@ def _require(module: str, message: str) -> None:
 
 
 def load_backend(
-    path: Path, *, threads: int, context_length: int, model_id: str | None = None
+    path: Path,
+    *,
+    threads: int,
+    context_length: int,
+    model_id: str | None = None,
+    gpu_layers: int | None = None,
+    onnx_provider: str = "cpu",
 ) -> Backend:
     """Load ``path`` with the runtime its format needs. Blocking: call it from a thread."""
     path = path.resolve()
@@ -62,7 +68,11 @@ def load_backend(
         from edgelm_agent.inference.llama_backend import LlamaCppBackend
 
         return LlamaCppBackend.load(
-            path, model_id=model_id, threads=threads, context_length=context_length
+            path,
+            model_id=model_id,
+            threads=threads,
+            context_length=context_length,
+            gpu_layers=gpu_layers,
         )
     _require(
         "onnxruntime_genai", "serving ONNX needs onnxruntime-genai: pip install 'edgelm[onnx]'"
@@ -70,5 +80,9 @@ def load_backend(
     from edgelm_agent.inference.onnx_backend import OnnxGenaiBackend
 
     return OnnxGenaiBackend.load(
-        path, model_id=model_id, threads=threads, context_length=context_length
+        path,
+        model_id=model_id,
+        threads=threads,
+        context_length=context_length,
+        provider=onnx_provider,
     )

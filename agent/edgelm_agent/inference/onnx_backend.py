@@ -19,7 +19,7 @@ import onnxruntime_genai as og
 
 from edgelm_agent.errors import ModelLoadError
 from edgelm_agent.inference.special_text import special_pattern, split_special
-from edgelm_agent.inference.types import ModelInfo, SamplingParams
+from edgelm_agent.inference.types import Acceleration, ModelInfo, SamplingParams
 
 PREFILL_SLICE = 512  # tokens appended per call; bounds how long a cancel waits during prefill
 
@@ -73,7 +73,13 @@ class OnnxGenaiBackend:
 
     @classmethod
     def load(
-        cls, path: Path, *, model_id: str, threads: int, context_length: int
+        cls,
+        path: Path,
+        *,
+        model_id: str,
+        threads: int,
+        context_length: int,
+        provider: str = "cpu",
     ) -> OnnxGenaiBackend:
         genai_config = _read_json(path / "genai_config.json")
         tokenizer_config = _read_json(path / "tokenizer_config.json")
@@ -96,10 +102,17 @@ class OnnxGenaiBackend:
                     }
                 )
             )
+            # The agent's setting decides the execution provider, not the folder's config:
+            # the same signed model runs on a Jetson's GPU and on a Pi's CPU.
+            config.clear_providers()
+            if provider != "cpu":
+                config.append_provider(provider)
             model = og.Model(config)
             tokenizer = og.Tokenizer(model)
         except Exception as exc:  # the runtime raises bare RuntimeError/OSError variants
-            raise ModelLoadError(f"onnxruntime-genai could not load {path}: {exc}") from exc
+            raise ModelLoadError(
+                f"onnxruntime-genai could not load {path} with execution provider {provider}: {exc}"
+            ) from exc
         trained = int(model_section.get("context_length") or context_length)
         eos_ids = _as_ids(model_section.get("eos_token_id")) or frozenset(tokenizer.eos_token_ids)
         bos_id = model_section.get("bos_token_id")
@@ -114,6 +127,7 @@ class OnnxGenaiBackend:
             eos_token=_token_text(tokenizer_config.get("eos_token")),
             created=int(time.time()),
             special_texts=frozenset(_added_token_texts(path, tokenizer_config)),
+            accelerator=Acceleration(gpu_offload=provider != "cpu", execution_provider=provider),
         )
         return cls(
             model,

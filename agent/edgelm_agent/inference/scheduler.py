@@ -82,7 +82,7 @@ class FifoAdmission:
         try:
             await waiter
         except asyncio.CancelledError:
-            if waiter.done() and not waiter.cancelled():
+            if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
                 self.release()  # we were handed the slot as we were cancelled: pass it on
             elif waiter in lane:  # release() may have popped it already
                 lane.remove(waiter)
@@ -99,6 +99,17 @@ class FifoAdmission:
             self._interactive_streak = 0
             return self._background
         return self._waiters
+
+    def refuse_waiting(self, exc: BaseException) -> int:
+        """Fail every request still waiting with ``exc`` (shutdown); returns how many."""
+        refused = 0
+        for lane in (self._waiters, self._background):
+            while lane:
+                waiter = lane.popleft()
+                if not waiter.done():
+                    waiter.set_exception(exc)
+                    refused += 1
+        return refused
 
     def release(self) -> None:
         while self._waiters or self._background:
@@ -251,6 +262,17 @@ class Scheduler:
                     request_id=request.request_id,
                     completion_tokens=finished.completion_tokens,
                 )
+
+    def stop_admitting(self) -> int:
+        """At the end of the shutdown grace: refuse new and waiting requests with NotReady (a
+        JSON 503 with Retry-After, not a dropped connection) and stop the running generation.
+        Returns how many waiting requests were refused."""
+        self._closed = True
+        refused = self._admission.refuse_waiting(
+            NotReady("the agent is shutting down", retry_after_s=self._retry_after_s)
+        )
+        self.cancel_running()
+        return refused
 
     def cancel_running(self) -> None:
         """Ask the running generation, if any, to stop at its next token."""

@@ -6,6 +6,10 @@ from dataclasses import dataclass
 from typing import Literal
 
 FinishReason = Literal["stop", "length", "cancelled"]
+
+#: Below this a model cannot hold its health check, let alone a chat: refused in the config,
+#: at import, and in signed metadata.
+MIN_CONTEXT_LENGTH = 128
 Format = Literal["gguf", "onnx"]
 
 
@@ -43,6 +47,26 @@ class SamplingFields:
 
 
 @dataclass(frozen=True)
+class Acceleration:
+    """Where the runtime runs the model; ``/v1/models`` and the ``model_loaded`` log say it."""
+
+    #: llama.cpp: whether this build of the library can offload layers to a GPU at all.
+    gpu_offload: bool = False
+    #: llama.cpp: layers given to the GPU (-1: all of them); 0 on the CPU.
+    gpu_layers: int | None = None
+    #: onnxruntime-genai: the execution provider (``cpu``, ``cuda``).
+    execution_provider: str | None = None
+
+    def as_dict(self) -> dict[str, object]:
+        facts: dict[str, object] = {"gpu_offload": self.gpu_offload}
+        if self.gpu_layers is not None:
+            facts["gpu_layers"] = self.gpu_layers
+        if self.execution_provider is not None:
+            facts["execution_provider"] = self.execution_provider
+        return facts
+
+
+@dataclass(frozen=True)
 class ModelInfo:
     """What the API needs to know about the loaded model."""
 
@@ -57,6 +81,7 @@ class ModelInfo:
     created: int = 0  # unix time the model was loaded; /v1/models reports it
     #: Every text the tokenizer reads as one special token (control, user-defined, added).
     special_texts: frozenset[str] = frozenset()
+    accelerator: Acceleration = Acceleration()
 
 
 @dataclass(frozen=True)

@@ -149,12 +149,25 @@ def _migration_idempotency_fingerprint(db: sqlite_utils.Database) -> None:
         )
 
 
+def _migration_job_model(db: sqlite_utils.Database) -> None:
+    # A job runs only on the model it names and waits for it otherwise, so the worker's pick
+    # and its "next due" look at one model's queue; both get an index that answers directly.
+    db.table("jobs").add_column("model", str)
+    db.execute(
+        "UPDATE jobs SET model = CASE WHEN json_valid(request) "
+        "THEN coalesce(json_extract(request, '$.model'), '') ELSE '' END"
+    )
+    db.execute("CREATE INDEX idx_jobs_model_queue ON jobs (state, model, priority DESC, seq)")
+    db.execute("CREATE INDEX idx_jobs_model_due ON jobs (state, model, not_before)")
+
+
 MIGRATIONS: tuple[tuple[str, Callable[[sqlite_utils.Database], None]], ...] = (
     ("0001_jobs", _migration_jobs),
     ("0002_outbox", _migration_outbox),
     ("0003_queue_indexes", _migration_queue_indexes),
     ("0004_outbox_autoincrement", _migration_outbox_autoincrement),
     ("0005_idempotency_fingerprint", _migration_idempotency_fingerprint),
+    ("0006_job_model", _migration_job_model),
 )
 
 

@@ -58,6 +58,14 @@ class JobSpec:
     metadata: dict[str, Any] | None = None
     report: str = "local"  # or "upstream": the result goes to the outbox too
     max_attempts: int = 3
+    #: Accept the job even if its model is not on the device (yet): fleet jobs may arrive
+    #: before their model. Only admission looks at it; it is not stored.
+    wait_for_model: bool = False
+
+    @property
+    def model(self) -> str:
+        """The model the job runs on; it waits in the queue until that model is served."""
+        return str(self.request.get("model", ""))
 
     def fingerprint(self) -> str:
         """What makes two submissions the same job. The deadline is left out: a retry with the
@@ -114,10 +122,11 @@ def _job_view(row: sqlite3.Row) -> dict[str, Any]:
 def _position(conn: sqlite3.Connection, row: sqlite3.Row) -> int | None:
     if row["state"] != JobState.QUEUED:
         return None
+    # Only jobs for the same model are ahead: the others wait for a model of their own.
     (ahead,) = conn.execute(
-        "SELECT count(*) FROM jobs WHERE state = 'queued' AND "
+        "SELECT count(*) FROM jobs WHERE state = 'queued' AND model = ? AND "
         "(priority > ? OR (priority = ? AND seq < ?))",
-        (row["priority"], row["priority"], row["seq"]),
+        (row["model"], row["priority"], row["priority"], row["seq"]),
     ).fetchone()
     return int(ahead)
 
@@ -173,7 +182,7 @@ def submit(spec: JobSpec, outbox_has_room: bool = True) -> Any:
         conn.execute(
             "INSERT INTO jobs (id, state, kind, priority, request, idempotency_key, metadata, "
             "report, attempts, max_attempts, created_at, updated_at, not_before, deadline, "
-            "fingerprint) VALUES (?, 'queued', ?, ?, ?, ?, ?, ?, 0, ?, ?, ?, 0, ?, ?)",
+            "fingerprint, model) VALUES (?, 'queued', ?, ?, ?, ?, ?, ?, 0, ?, ?, ?, 0, ?, ?, ?)",
             (
                 job_id,
                 spec.kind,
@@ -187,6 +196,7 @@ def submit(spec: JobSpec, outbox_has_room: bool = True) -> Any:
                 now,
                 spec.deadline,
                 fingerprint,
+                spec.model,
             ),
         )
         return _job_view(_row(conn, job_id)), True
@@ -277,34 +287,49 @@ def expire(now: float) -> Any:
     return op
 
 
-def claim(now: float) -> Any:
-    """Expire what is past its deadline, then start the most urgent job that is due."""
+def claim(now: float, model: str) -> Any:
+    """Expire what is past its deadline, then start the most urgent due job for ``model``."""
 
     def op(conn: sqlite3.Connection) -> dict[str, Any] | None:
         _expire_overdue(conn, now)
-        # Walk the queue in its own order and stop at the first job that is due. Left to
-        # itself, the planner picks the not_before index and sorts every due job instead,
-        # which costs milliseconds with thousands queued; only jobs backing off are skipped.
-        row = conn.execute(
-            "SELECT * FROM jobs INDEXED BY idx_jobs_queue WHERE state = 'queued' "
-            "AND not_before <= ? ORDER BY priority DESC, seq LIMIT 1",
-            (now,),
-        ).fetchone()
-        if row is None:
-            return None
-        started = _transition(
-            conn, row, JobEvent.START, attempts=row["attempts"] + 1, started_at=now
-        )
-        return _job_view(started)
+        while True:
+            # Walk this model's queue in its own order and stop at the first job that is due.
+            # Left to itself, the planner picks the not_before index and sorts every due job
+            # instead, which costs milliseconds with thousands queued.
+            row = conn.execute(
+                "SELECT * FROM jobs INDEXED BY idx_jobs_model_queue WHERE state = 'queued' "
+                "AND model = ? AND not_before <= ? ORDER BY priority DESC, seq LIMIT 1",
+                (model, now),
+            ).fetchone()
+            if row is None:
+                return None
+            started = _transition(
+                conn, row, JobEvent.START, attempts=row["attempts"] + 1, started_at=now
+            )
+            try:
+                return _job_view(started)
+            except ValueError:
+                # A row that no longer decodes (edited by hand, a disk fault) would be picked
+                # first forever and stall the queue: it fails, and the next job is taken.
+                error = {"code": "corrupt_job", "message": "the stored job cannot be read"}
+                after = _transition(conn, started, JobEvent.FAIL_PERMANENT, error=json.dumps(error))
+                _report_if_final(conn, after, {"error": error})
 
     return op
 
 
-def next_due(conn: sqlite3.Connection) -> float | None:
-    (due,) = conn.execute(
-        "SELECT min(not_before) FROM jobs INDEXED BY idx_jobs_due WHERE state = 'queued'"
-    ).fetchone()
-    return float(due) if due is not None else None
+def next_due(model: str) -> Any:
+    """When the next job for ``model`` becomes due (a retry backing off), if any is queued."""
+
+    def op(conn: sqlite3.Connection) -> float | None:
+        (due,) = conn.execute(
+            "SELECT min(not_before) FROM jobs INDEXED BY idx_jobs_model_due "
+            "WHERE state = 'queued' AND model = ?",
+            (model,),
+        ).fetchone()
+        return float(due) if due is not None else None
+
+    return op
 
 
 def succeed(job: dict[str, Any], result: dict[str, Any]) -> Any:
@@ -351,6 +376,13 @@ def recover(conn: sqlite3.Connection) -> int:
     return len(rows)
 
 
+def _metadata_or_none(raw: str | None) -> Any:
+    try:
+        return json.loads(raw or "null")
+    except ValueError:  # a corrupt row still reports how it ended, without its metadata
+        return None
+
+
 def _report_if_final(conn: sqlite3.Connection, after: sqlite3.Row, outcome: dict[str, Any]) -> None:
     """Every upstream job tells headquarters how it ended, exactly once: with its result, or
     with the error that ended it (failed, dead, cancelled or expired). It is written in the
@@ -363,7 +395,7 @@ def _report_if_final(conn: sqlite3.Connection, after: sqlite3.Row, outcome: dict
             {
                 "job_id": after["id"],
                 "state": after["state"],
-                "metadata": json.loads(after["metadata"] or "null"),
+                "metadata": _metadata_or_none(after["metadata"]),
                 **outcome,
             },
         )

@@ -1,9 +1,16 @@
 """Runs queued jobs, one at a time, through the same scheduler as interactive requests.
 
 Jobs take the scheduler's background lane, so a person at the kiosk is served first and jobs
-still get their share. Failures are sorted by who is at fault: a request that can never work
-(bad fields, unknown model, too long) fails at once; a busy or failing runtime is retried with
-backoff until the job's attempts run out and it is dead.
+still get their share. A job runs only on the model it names: jobs for another model wait in
+the queue (bounded by their TTL) until that model is served.
+
+Failures are sorted by who is at fault: a request that can never work (bad fields, too long)
+fails at once; a busy or failing runtime is retried with backoff until the job's attempts run
+out and it is dead. Whatever one job holds, it can only fail that job: an exception this code
+did not foresee fails the attempt like a runtime fault would. What stops the worker is the
+database failing (a full disk): then :meth:`JobWorker.run` raises, the supervisor restarts it
+with backoff (see :mod:`edgelm_agent.services`), and the restart puts the job that was running
+back in the queue.
 """
 
 from __future__ import annotations
@@ -18,16 +25,25 @@ import structlog
 
 from edgelm_agent.api.openai_format import ChatFormatter, CompletionFormatter, Formatter, Usage
 from edgelm_agent.api.openai_schema import parse_chat, parse_completion
-from edgelm_agent.errors import EdgelmError, RequestError
+from edgelm_agent.errors import EdgelmError, InvalidRequest, NotReady, RequestError
 from edgelm_agent.inference.types import Finished, GenerationRequest, TextDelta
 from edgelm_agent.jobs import store
 from edgelm_agent.jobs.database import Database
 from edgelm_agent.serving import ModelHost
+from edgelm_agent.valid_unicode import describe, first_invalid_text
 
 log = structlog.get_logger(__name__)
 
 
+class GenerationInterrupted(NotReady):
+    """The generation was stopped before its end (the agent is shutting down): run it again."""
+
+    code = "interrupted"
+
+
 class JobWorker:
+    name = "jobs"
+
     def __init__(
         self,
         db: Database,
@@ -69,7 +85,7 @@ class JobWorker:
                 await self.db.run(store.expire(time.time()))
                 await self._idle()
                 continue
-            job = await self.db.run(store.claim(time.time()))
+            job = await self.db.run(store.claim(time.time(), self.host.active.model_id))
             if job is None:
                 await self._idle()
                 continue
@@ -91,7 +107,8 @@ class JobWorker:
             self._last_prune = now
             await self.db.run(store.prune(self.retention_s, self.retention_count))
         self._wake.clear()  # before the query: a wake() during it must not be lost
-        due = await self.db.read(store.next_due)
+        active = self.host.active
+        due = await self.db.read(store.next_due(active.model_id)) if active is not None else None
         wait_s = self.idle_poll_s if due is None else max(0.0, min(self.idle_poll_s, due - now))
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._wake.wait(), wait_s)
@@ -122,6 +139,16 @@ class JobWorker:
             state = await self.db.run(store.fail(job, _error(exc), transient=True))
             log.warning("job_attempt_failed", job_id=job_id, error=exc.code, now=state)
             return
+        except Exception as exc:  # a fault nobody foresaw fails this attempt, not the worker
+            log.exception("job_attempt_crashed", job_id=job_id, error=repr(exc))
+            error = {
+                "code": "internal_error",
+                "type": "server_error",
+                "message": f"the job failed unexpectedly ({type(exc).__name__}); see the agent log",
+            }
+            state = await self.db.run(store.fail(job, error, transient=True))
+            log.warning("job_attempt_failed", job_id=job_id, error="internal_error", now=state)
+            return
         stored = await self.db.run(store.succeed(job, result))
         log.info(
             "job_succeeded",
@@ -132,6 +159,9 @@ class JobWorker:
 
     async def _generate(self, job: dict[str, Any]) -> dict[str, Any]:
         request = {**job["request"], "stream": False}
+        invalid = first_invalid_text(request)
+        if invalid is not None:  # stored before the agent checked this at the door
+            raise InvalidRequest(describe(f"request.{invalid}"), param=f"request.{invalid}")
         formatter: Formatter
         if job["kind"] == "chat":
             chat = parse_chat(request)
@@ -153,6 +183,8 @@ class JobWorker:
                 if isinstance(batch[-1], Finished):
                     finished = batch[-1]
         assert finished is not None
+        if finished.reason == "cancelled":  # stopped at shutdown: not an answer to store
+            raise GenerationInterrupted("the generation was stopped", retry_after_s=5)
         return formatter.full(
             "".join(texts), finished.reason, Usage(len(tokens), finished.completion_tokens)
         )

@@ -20,7 +20,9 @@ import os
 import shutil
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractContextManager
 from pathlib import Path
+from typing import BinaryIO
 
 from edgelm_agent.registry.atomic_file import fsync_dir
 from edgelm_agent.registry.bundle import BundleFile
@@ -35,7 +37,13 @@ def _no_progress(n: int) -> None:
 
 
 def hash_file(path: Path, progress: Progress = _no_progress) -> tuple[str, int]:
-    """sha256 and length of a file, at disk speed.
+    """sha256 and length of a file, at disk speed (see :func:`hash_stream`)."""
+    with open(path, "rb", buffering=0) as f:
+        return hash_stream(f, progress)
+
+
+def hash_stream(f: BinaryIO, progress: Progress = _no_progress) -> tuple[str, int]:
+    """sha256 and length of an open, unbuffered binary file.
 
     The next chunk is read in a helper thread while this one is hashed; both release the GIL,
     so reading and hashing overlap instead of taking turns (one thread alternating between them
@@ -43,7 +51,7 @@ def hash_file(path: Path, progress: Progress = _no_progress) -> tuple[str, int]:
     """
     digest = hashlib.sha256()
     length = 0
-    with open(path, "rb", buffering=0) as f, ThreadPoolExecutor(1, "edgelm-read") as reader:
+    with ThreadPoolExecutor(1, "edgelm-read") as reader:
         with contextlib.suppress(AttributeError, OSError):  # advice only; not on every OS
             os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)
         pending = reader.submit(f.read, CHUNK_BYTES)
@@ -120,22 +128,28 @@ class BlobStore:
             fsync_dir(self.blobs)
         return final
 
-    def import_file(self, source: Path, progress: Progress = _no_progress) -> tuple[str, int]:
-        """Copy a file into the store; returns (sha256, length).
+    def import_stream(
+        self,
+        opener: Callable[[], AbstractContextManager[BinaryIO]],
+        label: str,
+        expected: tuple[str, int],
+        progress: Progress = _no_progress,
+    ) -> tuple[str, int]:
+        """Copy a source the caller has already hashed to ``expected`` (sha256, length).
 
-        The source is hashed first: content already stored is not copied again (an agent
-        started with the same ``--model`` at every boot does this each time). A copy is then
-        checked against that hash by :meth:`commit`, which also catches a source that changed
-        while it was being copied.
+        Content already stored is not copied again (an agent started with the same
+        ``--model`` at every boot does this each time). The copy is checked against
+        ``expected`` by :meth:`commit`, which also catches a source that changed since it was
+        hashed.
         """
-        sha256, length = hash_file(source)
+        sha256, length = expected
         if self.has(sha256, length):
             progress(length)
             return sha256, length
         self.ensure_space(length)
-        staged = self.staging / f"import-{os.getpid()}-{source.name}"
+        staged = self.staging / f"import-{os.getpid()}-{sha256}"
         try:
-            with open(source, "rb") as src, open(staged, "wb") as out:
+            with opener() as src, open(staged, "wb") as out:
                 while chunk := src.read(CHUNK_BYTES):
                     out.write(chunk)
                     progress(len(chunk))

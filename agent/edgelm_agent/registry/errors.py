@@ -14,6 +14,8 @@
     ├── DownloadError            the transport failed on every mirror
     ├── InsufficientSpace        not enough free disk for the model plus the margin
     ├── ModelNotInstalled        the caller named a model this device does not have
+    ├── UnsafeSource             an import names a link, a special file, or such inside a folder
+    ├── VersionConflict          an import would change a version that already exists
     ├── RegistryBusy             another process (a running agent) holds the registry
     └── ActivationFailed         the model failed to load or its health check; rolled back
 
@@ -88,6 +90,20 @@ class InsufficientSpace(RegistryError):
 class ModelNotInstalled(RegistryError):
     status_code = 404
     code = "model_not_installed"
+
+
+class UnsafeSource(RegistryError):
+    """What an import names cannot be read safely (see registry/import_source.py)."""
+
+    status_code = 422
+    code = "unsafe_source"
+
+
+class VersionConflict(RegistryError):
+    """Versions never change: the same name@version with other content is refused."""
+
+    status_code = 409
+    code = "version_conflict"
 
 
 class RegistryBusy(RegistryError):

@@ -26,7 +26,7 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from edgelm_agent.inference.types import SamplingDefaults
+from edgelm_agent.inference.types import MIN_CONTEXT_LENGTH, SamplingDefaults
 from edgelm_agent.registry.errors import InvalidModelMetadata, UnsafeTargetPath
 
 NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
@@ -186,7 +186,12 @@ def _canonical(value: Any) -> Any:
 
 
 def parse_model_target(
-    path: str, length: int, hashes: dict[str, str], custom: dict[str, Any] | None
+    path: str,
+    length: int,
+    hashes: dict[str, str],
+    custom: dict[str, Any] | None,
+    *,
+    min_context_length: int = MIN_CONTEXT_LENGTH,
 ) -> ModelTarget:
     """Validate a target's path, hashes and custom metadata; raise a precise error if bad."""
     name, version, filename = split_target_path(path)
@@ -210,8 +215,13 @@ def parse_model_target(
         raise InvalidModelMetadata(f"target {path!r}: edgelm.name/version disagree with its path")
     context_length = _field(edgelm, "context_length", int, path)
     min_ram = _field(edgelm, "min_ram_bytes", int, path)
-    if context_length <= 0 or min_ram < 0:
-        raise InvalidModelMetadata(f"target {path!r}: context_length or min_ram_bytes invalid")
+    if context_length < min_context_length:
+        raise InvalidModelMetadata(
+            f"target {path!r}: context_length must be at least {min_context_length}, "
+            f"got {context_length}"
+        )
+    if min_ram < 0:
+        raise InvalidModelMetadata(f"target {path!r}: min_ram_bytes must be >= 0")
     template = edgelm.get("chat_template")
     if template is not None and not isinstance(template, str):
         raise InvalidModelMetadata(f"target {path!r}: edgelm.chat_template must be a string")
@@ -233,10 +243,15 @@ def parse_model_target(
 
 
 def model_target_from_dict(data: dict[str, Any]) -> ModelTarget:
-    """Inverse of :meth:`ModelTarget.as_dict`, for records the registry keeps on disk."""
+    """Inverse of :meth:`ModelTarget.as_dict`, for records the registry keeps on disk.
+
+    A record an older agent kept with a context too small to serve still loads (the health
+    check refuses to activate it), so one bad record cannot make the whole state unreadable.
+    """
     return parse_model_target(
         data["path"],
         int(data["length"]),
         {"sha256": data["sha256"]},
         {"edgelm": {k: v for k, v in data.items() if k not in ("path", "length", "sha256")}},
+        min_context_length=1,
     )

@@ -20,6 +20,9 @@ target is kept in ``state.json`` and re-checked against its blob before each loa
 from __future__ import annotations
 
 import fcntl
+import functools
+import hashlib
+import json
 import os
 import re
 import shutil
@@ -28,8 +31,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from edgelm_agent.inference.types import MIN_CONTEXT_LENGTH
 from edgelm_agent.registry.atomic_file import write_atomic
-from edgelm_agent.registry.blob_store import BlobStore
+from edgelm_agent.registry.blob_store import BlobStore, hash_stream
 from edgelm_agent.registry.bundle import BundleFile, build_manifest, parse_manifest
 from edgelm_agent.registry.clock import LastKnownGoodClock
 from edgelm_agent.registry.errors import (
@@ -38,11 +42,14 @@ from edgelm_agent.registry.errors import (
     RegistryBusy,
     RegistryError,
     TargetMismatch,
+    VersionConflict,
 )
+from edgelm_agent.registry.import_source import ImportSource
 from edgelm_agent.registry.mirrors import download_resumable
 from edgelm_agent.registry.model_target import (
     BACKEND_FOR_FORMAT,
     BUNDLE_FILE,
+    NAME_RE,
     ModelTarget,
     check_name,
     check_version,
@@ -84,6 +91,28 @@ def version_key(version: str) -> tuple[tuple[int, int | str], ...]:
     )
 
 
+def _stamp(path: Path) -> tuple[int, int] | None:
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return (st.st_mtime_ns, st.st_size)
+
+
+def _offered_names(targets_json: Path) -> set[str]:
+    """Model names listed in targets metadata ngclient verified before it stored it."""
+    try:
+        targets = json.loads(targets_json.read_bytes())["signed"]["targets"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return set()
+    names = set()
+    for path in targets if isinstance(targets, dict) else ():
+        parts = path.split("/") if isinstance(path, str) else []
+        if len(parts) == 4 and parts[0] == "models" and NAME_RE.fullmatch(parts[1]):
+            names.add(parts[1])
+    return names
+
+
 def name_from_filename(path: Path) -> str:
     """A valid model name from a file or folder name: ``SmolLM2-135M.gguf`` → ``smollm2-135m``."""
     stem = path.name.removesuffix(".gguf").lower()
@@ -105,6 +134,7 @@ class Registry:
         self._anchor_path = root / "trust" / "root.json"
         self._local_repo_dir = root / "local-repo"
         self._local_keys_dir = root / "local-keys"
+        self._names_cache: tuple[tuple[tuple[int, int] | None, ...], frozenset[str]] | None = None
 
     # --- exclusive access ----------------------------------------------------------------------
 
@@ -160,6 +190,20 @@ class Registry:
     def available(self) -> dict[str, ModelTarget]:
         """Every model the trusted repository offers, after a metadata refresh."""
         return {t.ref: t for t in self.trust().refresh().values()}
+
+    def known_names(self) -> set[str]:
+        """Names of the models this device has or can get: installed ones, and those the
+        trusted repository offered at its last refresh. No network: it reads the verified
+        metadata ngclient keeps on disk (and caches the answer until a file changes), so a
+        job submission can ask it on every request, offline."""
+        files = (self.state_file.path, self.config.root / "metadata" / "targets.json")
+        key = tuple(_stamp(f) for f in files)
+        if self._names_cache is not None and self._names_cache[0] == key:
+            return set(self._names_cache[1])
+        names = {t.name for t in self.state().models.values()}
+        names |= _offered_names(files[1])
+        self._names_cache = (key, frozenset(names))
+        return names
 
     # --- state ---------------------------------------------------------------------------------
 
@@ -249,6 +293,13 @@ class Registry:
         finally:
             partial.unlink(missing_ok=True)
 
+    @staticmethod
+    def _hash_member(
+        tree: ImportSource, member: str, progress: Callable[[int], None]
+    ) -> tuple[str, int]:
+        with tree.open(member) as f:
+            return hash_stream(f, progress)
+
     def _bundle_members(self, target: ModelTarget) -> list[BundleFile]:
         manifest = self.blobs.blob_path(target.sha256).read_bytes()
         return parse_manifest(manifest)
@@ -265,56 +316,74 @@ class Registry:
         quantization: str = "unknown",
         progress: Progress = _no_progress,
     ) -> ModelTarget:
-        """Sign a local GGUF file or ONNX folder into this device's repository, then install it."""
+        """Sign a local GGUF file or ONNX folder into this device's repository, then install it.
+
+        Everything is hashed before anything is copied, so a refused import (a version that
+        exists with other content) leaves nothing behind in the blob store.
+        """
         if not self.standalone:
             raise RegistryError(
                 "this device trusts a fleet repository; publish models there instead of importing"
             )
-        if not source.exists():
-            raise ModelNotInstalled(f"{source} does not exist")
+        if context_length < MIN_CONTEXT_LENGTH:
+            raise InvalidModelMetadata(
+                f"context length must be at least {MIN_CONTEXT_LENGTH} tokens to hold a "
+                f"health check and a chat, got {context_length}"
+            )
+        tree = ImportSource.scan(source)
         name = check_name(name) if name else name_from_filename(source)
-        fmt = "onnx" if source.is_dir() else "gguf"
+        fmt = "onnx" if tree.is_folder else "gguf"
         if fmt == "gguf":
-            with open(source, "rb") as f:
+            with tree.open(tree.members[0]) as f:
                 if f.read(4) != GGUF_MAGIC:
                     raise InvalidModelMetadata(f"{source} is not a GGUF file")
-        elif not (source / "genai_config.json").is_file():
+        elif "genai_config.json" not in tree.members:
             raise InvalidModelMetadata(f"{source} is a folder without genai_config.json")
-        total = (
-            sum(p.stat().st_size for p in source.rglob("*") if p.is_file())
-            if fmt == "onnx"
-            else source.stat().st_size
-        )
+        total = sum(tree.size(m) for m in tree.members)
         done = 0
 
         def on_bytes(n: int) -> None:
             nonlocal done
             done += n
-            progress("import", done, total)
+            progress("import", done, 2 * total)  # hashing, then copying
 
-        writer = self._local_writer()
+        hashed = {m: self._hash_member(tree, m, on_bytes) for m in tree.members}
+        manifest = None
         if fmt == "gguf":
-            sha256, _ = self.blobs.import_file(source, on_bytes)
+            sha256 = hashed[tree.members[0]][0]
             filename = "model.gguf"
-            blob = self.blobs.blob_path(sha256)
         else:
-            members = []
-            for path in sorted(p for p in source.rglob("*") if p.is_file()):
-                member_sha, member_len = self.blobs.import_file(path, on_bytes)
-                members.append(
-                    BundleFile(path.relative_to(source).as_posix(), member_len, member_sha)
-                )
-            sha256, _ = self.blobs.import_bytes(build_manifest(members))
+            members = [BundleFile(m, hashed[m][1], hashed[m][0]) for m in tree.members]
+            manifest = build_manifest(members)
+            sha256 = hashlib.sha256(manifest).hexdigest()
             filename = BUNDLE_FILE
-            blob = self.blobs.blob_path(sha256)
         version = check_version(version) if version else f"sha256-{sha256[:12]}"
         signed_path = target_path(name, version, filename)
-        existing = writer.targets().get(signed_path)
-        if existing is not None and existing.hashes.get("sha256") != sha256:
-            raise RegistryError(
+        writer = self._local_writer()
+        same_version = [
+            (path, info)
+            for path, info in writer.targets().items()
+            if path.startswith(f"models/{name}/{version}/")
+        ]
+        existing = next((info for path, info in same_version if path == signed_path), None)
+        if any(
+            path != signed_path or info.hashes.get("sha256") != sha256
+            for path, info in same_version
+        ):
+            raise VersionConflict(
                 f"{name}@{version} already exists with other content; "
                 "versions never change, so import under a new version"
             )
+        for relative in tree.members:
+            self.blobs.import_stream(
+                functools.partial(tree.open, relative),
+                str(source / relative),
+                hashed[relative],
+                on_bytes,
+            )
+        if manifest is not None:
+            self.blobs.import_bytes(manifest)
+        blob = self.blobs.blob_path(sha256)
         custom = {
             "edgelm": {
                 "name": name,
@@ -330,7 +399,7 @@ class Registry:
             }
         }
         if existing is None:
-            if fmt == "onnx":
+            if manifest is not None:
                 for member in members:
                     writer.place_file(
                         f"models/{name}/{version}/files/{member.sha256}",
