@@ -29,7 +29,12 @@ import structlog
 from edgelm_agent.errors import EdgelmError, ModelError, RequestError
 from edgelm_agent.inference.loader import load_backend
 from edgelm_agent.inference.scheduler import Scheduler, SchedulerHooks
-from edgelm_agent.inference.types import Finished, GenerationRequest, SamplingFields
+from edgelm_agent.inference.types import (
+    Finished,
+    GenerationRequest,
+    SamplingDefaults,
+    SamplingFields,
+)
 from edgelm_agent.metrics import AgentMetrics
 from edgelm_agent.registry.errors import ActivationFailed, ModelNotInstalled
 from edgelm_agent.registry.model_target import ModelTarget
@@ -174,7 +179,11 @@ class ModelManager:
             backend,
             scheduler,
             context_length=backend.info.context_length,
-            defaults=target.sampling,
+            defaults=SamplingDefaults(
+                temperature=target.sampling.temperature,
+                top_p=target.sampling.top_p,
+                top_k=target.sampling.top_k,
+            ),
             health=health,
             version=target.version,
             chat_template=target.chat_template,

@@ -20,10 +20,15 @@ Modules:
   :func:`verify_desired`.
 * :mod:`~edgelm_protocol.signing`: canonical JSON bytes, keyids, :class:`DirectorKeys`.
 * :mod:`~edgelm_protocol.dedupe`: :class:`RecentIds`, for dropping redelivered messages.
+* :mod:`~edgelm_protocol.targets` and :mod:`~edgelm_protocol.bundle`: the signed model target
+  schema (``custom["edgelm"]``) and the ONNX bundle manifest, which the agent reads and the
+  control plane and provisioning write.
 * :mod:`~edgelm_protocol.strict_json` and :mod:`~edgelm_protocol.schema`: the strict JSON
   parser and field readers the others are built on.
 
-The MQTT adapter in :mod:`edgelm_protocol.mqtt` does I/O and is not imported here.
+Two subpackages do I/O and are not imported here: :mod:`edgelm_protocol.mqtt`, the asyncio MQTT
+client both the agent and the control plane use, and :mod:`edgelm_protocol.repository`, the TUF
+repository writer that a standalone agent, provisioning and the control plane share.
 """
 
 from edgelm_protocol.bodies import (
@@ -64,15 +69,19 @@ from edgelm_protocol.errors import (
     DesiredStateRefused,
     ExpiredDesiredState,
     ForgedDesiredState,
+    InvalidBundle,
     InvalidId,
     InvalidKey,
+    InvalidModelMetadata,
     InvalidTopic,
     MalformedMessage,
     MessageRefused,
     MessageTooLarge,
     ProtocolError,
     StaleDesiredState,
+    TargetRefused,
     TopicMismatch,
+    UnsafeTargetPath,
     UnsupportedVersion,
     WrongDevice,
 )
@@ -120,8 +129,10 @@ __all__ = [
     "ExpiredDesiredState",
     "ForgedDesiredState",
     "Health",
+    "InvalidBundle",
     "InvalidId",
     "InvalidKey",
+    "InvalidModelMetadata",
     "InvalidTopic",
     "JSONObject",
     "JSONValue",
@@ -144,10 +155,12 @@ __all__ = [
     "Signature",
     "StaleDesiredState",
     "TargetRef",
+    "TargetRefused",
     "Telemetry",
     "Topic",
     "TopicFilter",
     "TopicMismatch",
+    "UnsafeTargetPath",
     "UnsupportedVersion",
     "WrongDevice",
     "canonical_bytes",

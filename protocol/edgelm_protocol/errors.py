@@ -12,6 +12,10 @@
     │   ├── MalformedMessage           not UTF-8, not strict JSON, or not the schema
     │   ├── UnsupportedVersion         ``v`` is a schema version this code does not know
     │   └── TopicMismatch              ``type`` or ``from`` disagrees with the topic
+    ├── TargetRefused              a signed model target that cannot be run as it is
+    │   ├── InvalidModelMetadata       ``custom["edgelm"]`` missing, of the wrong type, out of range
+    │   ├── UnsafeTargetPath           a target or bundle member path that could escape a folder
+    │   └── InvalidBundle              a bundle manifest that does not parse or contradicts itself
     └── DesiredStateRefused        a desired state the device must not act on
         ├── ForgedDesiredState         no signature verifies against a trusted director key
         ├── WrongDevice                signed for another fleet or another device
@@ -155,6 +159,24 @@ class TopicMismatch(MessageRefused):
         )
         self.expected = expected
         self.actual = actual
+
+
+class TargetRefused(ProtocolError):
+    """A signed target (or a bundle manifest it pins) is not one an agent can run."""
+
+    code = "target_refused"
+
+
+class InvalidModelMetadata(TargetRefused):
+    code = "invalid_model_metadata"
+
+
+class UnsafeTargetPath(TargetRefused):
+    code = "unsafe_target_path"
+
+
+class InvalidBundle(TargetRefused):
+    code = "target_mismatch"
 
 
 class DesiredStateRefused(ProtocolError):

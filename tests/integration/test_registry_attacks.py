@@ -45,8 +45,8 @@ from edgelm_agent.registry.errors import (
 from edgelm_agent.registry.mirrors import CHUNK_BYTES
 from edgelm_agent.registry.model_target import ModelTarget
 from edgelm_agent.registry.registry import Registry, RegistryConfig
-from edgelm_agent.registry.repository_writer import RepositoryWriter, generate_key
 from edgelm_agent.registry.trust import TrustLimits
+from edgelm_protocol.repository.writer import RepositoryWriter, generate_key
 from tests.agent_process import TINY_GGUF, AgentProcess, free_port
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]

@@ -12,7 +12,7 @@ import aiohttp
 import pytest
 
 from edgelm_agent.registry.registry import Registry, RegistryConfig
-from edgelm_agent.registry.repository_writer import RepositoryWriter
+from edgelm_protocol.repository.writer import RepositoryWriter
 from tests.agent_process import TINY_GGUF, TINY_ONNX, AgentProcess
 
 CRASH_POINTS = [

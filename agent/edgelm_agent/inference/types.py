@@ -5,11 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from edgelm_protocol.targets import MIN_CONTEXT_LENGTH as _SCHEMA_MIN_CONTEXT_LENGTH
+
 FinishReason = Literal["stop", "length", "cancelled"]
 
-#: Below this a model cannot hold its health check, let alone a chat: refused in the config,
-#: at import, and in signed metadata.
-MIN_CONTEXT_LENGTH = 128
+#: Below this a model cannot hold its health check: the signed schema's minimum (see
+#: edgelm_protocol.targets), which the agent's configuration enforces as well.
+MIN_CONTEXT_LENGTH = _SCHEMA_MIN_CONTEXT_LENGTH
 Format = Literal["gguf", "onnx"]
 
 

@@ -24,9 +24,9 @@ from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import BinaryIO
 
-from edgelm_agent.registry.atomic_file import fsync_dir
 from edgelm_agent.registry.bundle import BundleFile
 from edgelm_agent.registry.errors import InsufficientSpace, TargetMismatch
+from edgelm_protocol.repository.atomic_file import fsync_dir
 
 CHUNK_BYTES = 4 << 20
 Progress = Callable[[int], None]  # called with the bytes just processed

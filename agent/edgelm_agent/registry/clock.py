@@ -15,7 +15,7 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
-from edgelm_agent.registry.atomic_file import write_atomic
+from edgelm_protocol.repository.atomic_file import write_atomic
 
 UTC = datetime.UTC
 

@@ -32,7 +32,6 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from edgelm_agent.inference.types import MIN_CONTEXT_LENGTH
-from edgelm_agent.registry.atomic_file import write_atomic
 from edgelm_agent.registry.blob_store import BlobStore, hash_stream
 from edgelm_agent.registry.bundle import BundleFile, build_manifest, parse_manifest
 from edgelm_agent.registry.clock import LastKnownGoodClock
@@ -55,9 +54,10 @@ from edgelm_agent.registry.model_target import (
     check_version,
     target_path,
 )
-from edgelm_agent.registry.repository_writer import RepositoryWriter
 from edgelm_agent.registry.state import RegistryState, StateFile
 from edgelm_agent.registry.trust import TrustClient
+from edgelm_protocol.repository.atomic_file import write_atomic
+from edgelm_protocol.repository.writer import RepositoryWriter
 
 Progress = Callable[[str, int, int], None]  # (phase, bytes done, bytes total)
 GGUF_MAGIC = b"GGUF"

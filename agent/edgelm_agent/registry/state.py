@@ -14,8 +14,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from edgelm_agent.registry.atomic_file import write_atomic
 from edgelm_agent.registry.model_target import ModelTarget, model_target_from_dict
+from edgelm_protocol.repository.atomic_file import write_atomic
 
 HISTORY_LIMIT = 200
 

@@ -35,7 +35,7 @@ from tuf.api.metadata import (
 )
 from tuf.api.serialization.json import JSONSerializer
 
-from edgelm_agent.registry.atomic_file import write_atomic
+from edgelm_protocol.repository.atomic_file import write_atomic
 
 ROLES = (Root.type, Targets.type, Snapshot.type, Timestamp.type)
 DEFAULT_EXPIRY = {  # how long each role's signature holds; timestamp is re-signed often
