@@ -8,6 +8,7 @@ import importlib
 import click
 
 from edgelm_agent import __version__
+from edgelm_cli.diagnostics import DiagnosticError
 from edgelm_cli.groups import SuggestingGroup
 
 # name -> (module, attribute, one-line help shown in `edgelm --help`)
@@ -16,6 +17,13 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "chat": ("edgelm_agent.cli.chat_cmd", "chat", "Chat with the local agent over its socket."),
     "models": ("edgelm_agent.cli.models_cmd", "models", "The device's signed model registry."),
     "jobs": ("edgelm_agent.cli.jobs_cmd", "jobs", "Durable jobs on the local agent."),
+    "control": ("edgelm_control.cli", "control", "Run the fleet's control plane (server)."),
+    "fleet": ("edgelm_provisioning.fleet_cmd", "fleet", "Manage the fleet (operator)."),
+    "provision": (
+        "edgelm_provisioning.provision_cmd",
+        "provision",
+        "Fleet keys and device enrollment bundles (operator).",
+    ),
 }
 
 
@@ -27,7 +35,15 @@ class LazyGroup(SuggestingGroup):
         if cmd_name not in COMMANDS:
             return None
         module_name, attribute, _ = COMMANDS[cmd_name]
-        command = getattr(importlib.import_module(module_name), attribute)
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as exc:  # an extra that is not installed on this machine
+            raise DiagnosticError(
+                "command-unavailable",
+                f"`edgelm {cmd_name}` cannot run here: {exc}",
+                hint="install the extra it needs, e.g. pip install 'edgelm[control]'",
+            ) from exc
+        command = getattr(module, attribute)
         assert isinstance(command, click.Command)
         return command
 

@@ -83,11 +83,26 @@ class RepositoryWriter:
 
     @classmethod
     def create(
-        cls, root_dir: Path, keys_dir: Path, *, threshold: int = 1, keys_per_role: int = 1
+        cls,
+        root_dir: Path,
+        keys_dir: Path,
+        *,
+        threshold: int = 1,
+        keys_per_role: int = 1,
+        key_dirs: dict[str, Path] | None = None,
     ) -> RepositoryWriter:
-        """A new repository with fresh keys, an empty target list, all metadata signed."""
+        """A new repository with fresh keys, an empty target list, all metadata signed.
+
+        Each role's keys go to ``key_dirs[role]`` if given, else to ``keys_dir``: a fleet
+        keeps root and targets keys with the operator and gives snapshot and timestamp to
+        the control plane.
+        """
+        where = key_dirs or {}
         signers: dict[str, list[Signer]] = {
-            role: [generate_key(keys_dir / f"{role}-{i}.pem") for i in range(keys_per_role)]
+            role: [
+                generate_key(where.get(role, keys_dir) / f"{role}-{i}.pem")
+                for i in range(keys_per_role)
+            ]
             for role in ROLES
         }
         now = _now()
