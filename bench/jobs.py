@@ -69,9 +69,9 @@ from typing import TYPE_CHECKING, Any
 import aiohttp
 from rich.table import Table
 
-from edgelm_agent.api.jobs_routes import parse_job
 from edgelm_agent.jobs import store
 from edgelm_agent.jobs.database import MAX_GROUP, Database, migrate
+from edgelm_agent.jobs.submission import parse_job
 
 if TYPE_CHECKING or __package__:  # mypy, or `python -m bench.jobs`, from the repository's root
     from bench import harness

@@ -6,8 +6,6 @@ crashes and power cuts, and runs when the model is free.
 
 from __future__ import annotations
 
-import json
-import math
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -16,16 +14,14 @@ from typing import Any
 from aiohttp import web
 
 from edgelm_agent.api.openai_routes import read_json
-from edgelm_agent.api.openai_schema import parse_chat, parse_completion
 from edgelm_agent.errors import InvalidRequest, ModelNotFound, NotReady
 from edgelm_agent.jobs import outbox, store
 from edgelm_agent.jobs.database import Database
 from edgelm_agent.jobs.outbox import OutboxLimits
+from edgelm_agent.jobs.submission import parse_job
 from edgelm_agent.jobs.worker import JobWorker
 from edgelm_agent.model_manager import ModelManager
 
-MAX_METADATA_BYTES = 16 << 10
-MAX_KEY_CHARS = 128
 MAX_LIST = 500
 MAX_CURSOR = 2**63 - 1  # a job sequence number is an SQLite integer
 
@@ -48,83 +44,6 @@ def _jobs(request: web.Request) -> JobsContext:
     if jobs is None:
         raise NotReady("this agent has no job queue", retry_after_s=60)
     return jobs
-
-
-def parse_job(body: dict[str, Any], now: float) -> store.JobSpec:
-    """Validate a submission; every fault names its field."""
-    request = body.get("request")
-    if not isinstance(request, dict):
-        raise InvalidRequest(
-            "'request' must be a chat or completion request object", param="request"
-        )
-    if request.get("stream"):
-        raise InvalidRequest("jobs cannot stream; leave 'stream' out", param="request.stream")
-    kind = "chat" if "messages" in request else "completion"
-    (parse_chat if kind == "chat" else parse_completion)(request)  # 400 now, not at run time
-    priority = body.get("priority", 0)
-    if isinstance(priority, bool) or not isinstance(priority, int) or not -100 <= priority <= 100:
-        raise InvalidRequest("'priority' must be an integer from -100 to 100", param="priority")
-    deadline = _deadline(body, now)
-    key = body.get("idempotency_key")
-    if key is not None and (not isinstance(key, str) or not 0 < len(key) <= MAX_KEY_CHARS):
-        raise InvalidRequest(
-            f"'idempotency_key' must be 1-{MAX_KEY_CHARS} characters", param="idempotency_key"
-        )
-    metadata = body.get("metadata")
-    if metadata is not None and (
-        not isinstance(metadata, dict) or _json_bytes(metadata) > MAX_METADATA_BYTES
-    ):
-        raise InvalidRequest(
-            f"'metadata' must be an object of at most {MAX_METADATA_BYTES} bytes of JSON",
-            param="metadata",
-        )
-    report = body.get("report", "local")
-    if report not in ("local", "upstream"):
-        raise InvalidRequest("'report' must be 'local' or 'upstream'", param="report")
-    wait_for_model = body.get("wait_for_model", False)
-    if not isinstance(wait_for_model, bool):
-        raise InvalidRequest("'wait_for_model' must be true or false", param="wait_for_model")
-    attempts = body.get("max_attempts", 3)
-    if isinstance(attempts, bool) or not isinstance(attempts, int) or not 1 <= attempts <= 10:
-        raise InvalidRequest("'max_attempts' must be an integer from 1 to 10", param="max_attempts")
-    return store.JobSpec(
-        kind=kind,
-        request=request,
-        priority=priority,
-        deadline=deadline,
-        idempotency_key=key,
-        metadata=metadata,
-        report=report,
-        max_attempts=attempts,
-        wait_for_model=wait_for_model,
-    )
-
-
-def _json_bytes(value: Any) -> int:
-    """Size as stored: UTF-8 bytes, so non-Latin text is not counted six times over as
-    ``\\uXXXX`` escapes."""
-    return len(json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode())
-
-
-def _deadline(body: dict[str, Any], now: float) -> float | None:
-    ttl, deadline = body.get("ttl_s"), body.get("deadline")
-    if ttl is not None and deadline is not None:
-        raise InvalidRequest("give 'ttl_s' or 'deadline', not both", param="ttl_s")
-    for name, value in (("ttl_s", ttl), ("deadline", deadline)):
-        if value is not None and (
-            isinstance(value, bool)
-            or not isinstance(value, int | float)
-            or not math.isfinite(value)
-            or value <= 0
-        ):
-            raise InvalidRequest(f"{name!r} must be a positive number", param=name)
-    if ttl is not None:
-        return now + float(ttl)
-    if deadline is not None:
-        if deadline <= now:
-            raise InvalidRequest("'deadline' is in the past", param="deadline")
-        return float(deadline)
-    return None
 
 
 def _with_position(job: dict[str, Any], position: int | None) -> dict[str, Any]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
 from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -20,17 +19,12 @@ from edgelm_agent.api.context import (
     STARTED,
     ApiContext,
 )
-from edgelm_agent.api.openai_format import (
-    ChatFormatter,
-    CompletionFormatter,
-    DeltaEncoder,
-    Formatter,
-    Usage,
-)
-from edgelm_agent.api.openai_schema import decode_json_object, parse_chat, parse_completion
 from edgelm_agent.api.sse import SseStream, sse_event
 from edgelm_agent.errors import BackendError, NotReady, PayloadTooLarge, RequestTimeout
-from edgelm_agent.inference.types import Finished, GenerationRequest, SamplingFields, TextDelta
+from edgelm_agent.generation.openai_format import DeltaEncoder, Formatter, Usage
+from edgelm_agent.generation.openai_schema import decode_json_object
+from edgelm_agent.generation.prepare import PreparedGeneration, prepare
+from edgelm_agent.inference.types import Finished, TextDelta
 from edgelm_agent.serving import ServingModel
 
 log = structlog.get_logger(__name__)
@@ -53,53 +47,14 @@ async def read_json(request: web.Request) -> dict[str, Any]:
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     ctx = request.app[API_CONTEXT]
-    body = parse_chat(await read_json(request))
-    model = ctx.host.resolve(body.model)
-    # Each message also costs a pass of the template, however short its content.
-    size = sum(len(m.content) + TEMPLATE_CHARS_PER_MESSAGE for m in body.messages)
-    tokens = await _off_loop_if_long(size, model.chat_prompt, body.messages)
-    run = Generation(
-        request,
-        ctx,
-        model,
-        tokens,
-        body.sampling,
-        ChatFormatter(model.model_id),
-        body.stream,
-        body.include_usage,
-    )
-    return await run.respond()
+    prepared = await prepare(await read_json(request), ctx.host, "chat")
+    return await Generation(request, ctx, prepared).respond()
 
 
 async def completions(request: web.Request) -> web.StreamResponse:
     ctx = request.app[API_CONTEXT]
-    body = parse_completion(await read_json(request))
-    model = ctx.host.resolve(body.model)
-    tokens = await _off_loop_if_long(len(body.prompt), model.text_prompt, body.prompt)
-    run = Generation(
-        request,
-        ctx,
-        model,
-        tokens,
-        body.sampling,
-        CompletionFormatter(model.model_id),
-        body.stream,
-        body.include_usage,
-    )
-    return await run.respond()
-
-
-INLINE_PROMPT_CHARS = 2048  # below this, tokenizing costs less than the hop to a thread
-TEMPLATE_CHARS_PER_MESSAGE = 64  # about what a chat template wraps around each message
-
-
-async def _off_loop_if_long(size: int, fn: Callable[[T], list[int]], arg: T) -> list[int]:
-    """Tokenize a long prompt in a thread (a second on a Pi for 1 MB), so streams that are
-    already running keep flowing; a short one inline, where the thread hop would cost more
-    time to first token than the work itself."""
-    if size < INLINE_PROMPT_CHARS:
-        return fn(arg)
-    return await asyncio.to_thread(fn, arg)
+    prepared = await prepare(await read_json(request), ctx.host, "completion")
+    return await Generation(request, ctx, prepared).respond()
 
 
 def _model_card(m: ServingModel) -> dict[str, Any]:
@@ -131,27 +86,39 @@ class Generation:
 
     request: web.Request
     ctx: ApiContext
-    model: ServingModel
-    tokens: list[int]
-    fields: SamplingFields
-    formatter: Formatter
-    stream: bool
-    include_usage: bool
+    prepared: PreparedGeneration
     first_token_at: float | None = None
     pieces: list[str] = field(default_factory=list)
     _encoder: DeltaEncoder = field(init=False)
     _pending: bytes = b""
 
+    @property
+    def model(self) -> ServingModel:
+        return self.prepared.model
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.prepared.tokens
+
+    @property
+    def formatter(self) -> Formatter:
+        return self.prepared.formatter
+
+    @property
+    def stream(self) -> bool:
+        return self.prepared.stream
+
+    @property
+    def include_usage(self) -> bool:
+        return self.prepared.include_usage
+
     async def respond(self) -> web.StreamResponse:
-        params = self.model.sampling(self.fields, len(self.tokens))
-        generation = GenerationRequest(
-            tuple(self.tokens), params, request_id=self.request[REQUEST_ID]
-        )
+        generation = self.prepared.request(self.request[REQUEST_ID])
         facts = self.request[LOG_FACTS]
         facts.update(
             model=self.model.model_id,
             prompt_tokens=len(self.tokens),
-            max_tokens=params.max_tokens,
+            max_tokens=generation.params.max_tokens,
             stream=self.stream,
         )
         self.ctx.metrics.prompt_tokens.labels(self.model.model_id).inc(len(self.tokens))

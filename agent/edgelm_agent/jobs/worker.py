@@ -23,10 +23,10 @@ from typing import Any
 
 import structlog
 
-from edgelm_agent.api.openai_format import ChatFormatter, CompletionFormatter, Formatter, Usage
-from edgelm_agent.api.openai_schema import parse_chat, parse_completion
 from edgelm_agent.errors import EdgelmError, InvalidRequest, NotReady, RequestError
-from edgelm_agent.inference.types import Finished, GenerationRequest, TextDelta
+from edgelm_agent.generation.openai_format import Usage
+from edgelm_agent.generation.prepare import kind_of, prepare
+from edgelm_agent.inference.types import Finished, TextDelta
 from edgelm_agent.jobs import store
 from edgelm_agent.jobs.database import Database
 from edgelm_agent.serving import ModelHost
@@ -162,19 +162,9 @@ class JobWorker:
         invalid = first_invalid_text(request)
         if invalid is not None:  # stored before the agent checked this at the door
             raise InvalidRequest(describe(f"request.{invalid}"), param=f"request.{invalid}")
-        formatter: Formatter
-        if job["kind"] == "chat":
-            chat = parse_chat(request)
-            model = self.host.resolve(chat.model)
-            tokens = await asyncio.to_thread(model.chat_prompt, chat.messages)
-            fields, formatter = chat.sampling, ChatFormatter(model.model_id)
-        else:
-            completion = parse_completion(request)
-            model = self.host.resolve(completion.model)
-            tokens = await asyncio.to_thread(model.text_prompt, completion.prompt)
-            fields, formatter = completion.sampling, CompletionFormatter(model.model_id)
-        params = model.sampling(fields, len(tokens))
-        generation = GenerationRequest(tuple(tokens), params, request_id=job["id"])
+        prepared = await prepare(request, self.host, kind_of(request))
+        model = prepared.model
+        generation = prepared.request(job["id"])
         texts: list[str] = []
         finished: Finished | None = None
         async with aclosing(model.scheduler.generate(generation, background=True)) as batches:
@@ -185,9 +175,8 @@ class JobWorker:
         assert finished is not None
         if finished.reason == "cancelled":  # stopped at shutdown: not an answer to store
             raise GenerationInterrupted("the generation was stopped", retry_after_s=5)
-        return formatter.full(
-            "".join(texts), finished.reason, Usage(len(tokens), finished.completion_tokens)
-        )
+        usage = Usage(len(prepared.tokens), finished.completion_tokens)
+        return prepared.formatter.full("".join(texts), finished.reason, usage)
 
 
 def _error(exc: EdgelmError) -> dict[str, Any]:
