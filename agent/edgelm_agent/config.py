@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from edgelm_agent.enrollment import ROOT_FILE, Enrollment, fleet_dir, load_enrollment
 from edgelm_agent.errors import ConfigError
 from edgelm_agent.inference.types import MIN_CONTEXT_LENGTH
 
@@ -113,8 +114,19 @@ class AgentConfig:
     outbox_telemetry_max: int = 10_000
     #: Bytes of results and events the outbox keeps; past it, upstream jobs are refused.
     outbox_durable_max_bytes: int = 64 << 20
+    #: Fleet devices: how often a telemetry batch is sent (none while offline).
+    telemetry_interval_s: float = 60.0
+    #: Fleet devices: how long the broker keeps this device's MQTT session while it is
+    #: offline (messages for it queue meanwhile); days, not AWS IoT's one hour.
+    mqtt_session_expiry_s: int = 7 * 24 * 3600
+    #: Fleet devices: resend results and events the control plane has not acknowledged
+    #: after this long (it deduplicates by message id).
+    sync_ack_timeout_s: float = 30.0
     #: Testing only: the process kills itself with SIGKILL at this named point.
     crash_point: str | None = None
+    #: The fleet this device is enrolled in (``edgelm agent enroll``); read from the state
+    #: directory, never from a setting. ``None``: a standalone device.
+    enrollment: Enrollment | None = None
     #: ``auto`` writes JSON lines unless stdout is a terminal.
     log_format: LogFormat = "auto"
     log_level: str = "info"
@@ -302,6 +314,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("jobs_retention_count", "jobs_retention_count", _positive_int),
     Setting("outbox_telemetry_max", "outbox_telemetry_max", _positive_int),
     Setting("outbox_durable_max_bytes", "outbox_durable_max_bytes", _positive_int),
+    Setting("telemetry_interval_s", "telemetry_interval_s", _positive_float),
+    Setting("mqtt_session_expiry_s", "mqtt_session_expiry_s", _positive_int),
+    Setting("sync_ack_timeout_s", "sync_ack_timeout_s", _positive_float),
     Setting("crash_point", "test_crash_point", _optional_str),
     Setting("log_format", "log_format", _log_format),
     Setting("log_level", "log_level", _log_level),
@@ -350,7 +365,21 @@ def load_config(config_file: Path | None, flags: Mapping[str, Any]) -> AgentConf
             raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"config file {path} is not valid TOML: {exc}") from exc
-    return resolve_config(toml_data=toml_data, env=env, flags=flags, toml_source=str(path))
+    config = resolve_config(toml_data=toml_data, env=env, flags=flags, toml_source=str(path))
+    return with_enrollment(config)
+
+
+def with_enrollment(config: AgentConfig) -> AgentConfig:
+    """A device enrolled in a fleet fetches models from the fleet's repository and trusts its
+    root, unless the configuration names other mirrors (a site's caching mirror, say)."""
+    enrollment = load_enrollment(config.state_dir)
+    if enrollment is None:
+        return config
+    mirrors = config.repository_mirrors or (enrollment.repository_url,)
+    root = config.repository_root or fleet_dir(config.state_dir) / ROOT_FILE
+    return dataclasses.replace(
+        config, enrollment=enrollment, repository_mirrors=mirrors, repository_root=root
+    )
 
 
 def env_socket_path() -> Path:

@@ -38,8 +38,10 @@ from edgelm_agent.api.access import HttpAccessPolicy, check_bind_allowed
 from edgelm_agent.api.app import create_app
 from edgelm_agent.api.connections import ACCEPT_BATCH, UNIX_BACKLOG, Listener
 from edgelm_agent.api.context import ApiContext
+from edgelm_agent.api.errors import error_fields
 from edgelm_agent.api.jobs_routes import JobsContext
 from edgelm_agent.config import AgentConfig, HttpListen
+from edgelm_agent.crash_points import crash_point_from
 from edgelm_agent.errors import ConfigError, ModelLoadError
 from edgelm_agent.jobs.database import Database
 from edgelm_agent.jobs.outbox import OutboxLimits
@@ -54,9 +56,9 @@ from edgelm_agent.listeners import (
 )
 from edgelm_agent.logs import RateLimitedLog
 from edgelm_agent.metrics import AgentMetrics
-from edgelm_agent.model_manager import ModelManager, crash_point_from
+from edgelm_agent.model_manager import ModelManager
 from edgelm_agent.registry.errors import ActivationFailed, RegistryError
-from edgelm_agent.registry.registry import Registry, RegistryConfig
+from edgelm_agent.registry.factory import registry_for
 from edgelm_agent.services import Supervisor
 from edgelm_agent.serving import ModelHost
 from edgelm_agent.state_dir import prepare_state_dir
@@ -79,15 +81,7 @@ class Daemon:
         prepare_state_dir(config.state_dir)  # before any part creates a file under it
         self.metrics = AgentMetrics()
         self.host = ModelHost()
-        self.registry = Registry(
-            RegistryConfig(
-                root=config.state_dir / "registry",
-                mirrors=config.repository_mirrors,
-                trust_root=config.repository_root,
-                free_margin_bytes=config.disk_margin_bytes,
-            ),
-            crash_point=crash_point_from(config.crash_point),
-        )
+        self.registry = registry_for(config)
         self.models = ModelManager(
             self.registry,
             self.host,
@@ -128,6 +122,7 @@ class Daemon:
             self.host,
             retention_s=config.jobs_retention_s,
             retention_count=config.jobs_retention_count,
+            describe_error=error_fields,
         )
         services = Supervisor([worker], observer=self.metrics)
         ctx = ApiContext(

@@ -19,8 +19,9 @@
     │   └── NotReady               503: no model loaded yet, or shutting down
     └── BackendError           500: the runtime failed while generating
 
-Every error carries the attributes the HTTP layer needs (``status_code``, ``error_type``,
-``code``), so :mod:`edgelm_agent.api.errors` maps them without parsing strings.
+Every error carries a machine-readable ``code`` and the attributes its callers need
+(``param``, ``retry_after_s``…), so nobody parses a message. Which HTTP status and OpenAI
+error type each class answers with is one table, in :mod:`edgelm_agent.api.errors`.
 """
 
 from __future__ import annotations
@@ -29,9 +30,7 @@ from __future__ import annotations
 class EdgelmError(Exception):
     """Root of every error the agent raises on purpose."""
 
-    status_code: int = 500
-    error_type: str = "server_error"
-    code: str | None = None
+    code: str | None = "internal_error"
 
 
 class ConfigError(EdgelmError):
@@ -41,8 +40,6 @@ class ConfigError(EdgelmError):
 class ModelError(EdgelmError):
     """The model cannot be served."""
 
-    status_code = 500
-    error_type = "server_error"
     code = "model_error"
 
 
@@ -54,9 +51,6 @@ class ModelLoadError(ModelError):
 
 class RequestError(EdgelmError):
     """The client is at fault. ``param`` names the offending field, when there is one."""
-
-    status_code = 400
-    error_type = "invalid_request_error"
 
     def __init__(self, message: str, *, param: str | None = None) -> None:
         super().__init__(message)
@@ -82,19 +76,14 @@ class ContextOverflow(RequestError):
 
 
 class NotAuthorized(RequestError):
-    status_code = 401
-    error_type = "authentication_error"
     code = "invalid_api_key"
 
 
 class ForbiddenHost(RequestError):
-    status_code = 403
-    error_type = "permission_error"
     code = "host_not_allowed"
 
 
 class ModelNotFound(RequestError):
-    status_code = 404
     code = "model_not_found"
 
     def __init__(self, requested: str, available: list[str], *, what: str = "loaded") -> None:
@@ -104,12 +93,10 @@ class ModelNotFound(RequestError):
 
 
 class RequestTimeout(RequestError):
-    status_code = 408
     code = "request_timeout"
 
 
 class PayloadTooLarge(RequestError):
-    status_code = 413
     code = "payload_too_large"
 
     def __init__(self, *, limit_bytes: int, actual_bytes: int | None = None) -> None:
@@ -121,8 +108,6 @@ class PayloadTooLarge(RequestError):
 class Overloaded(EdgelmError):
     """Capacity, not correctness: the same request may succeed after ``retry_after_s``."""
 
-    status_code = 503
-    error_type = "server_error"
     code = "overloaded"
 
     def __init__(self, message: str, *, retry_after_s: int) -> None:
@@ -131,8 +116,6 @@ class Overloaded(EdgelmError):
 
 
 class QueueFull(Overloaded):
-    status_code = 429
-    error_type = "rate_limit_error"
     code = "queue_full"
 
 

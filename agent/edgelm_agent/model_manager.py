@@ -17,15 +17,15 @@ restarts on the old model; after it, on the new one. Never a half state.
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
 import structlog
 
+from edgelm_agent.crash_points import CrashPoint, no_crash
 from edgelm_agent.errors import EdgelmError, ModelError, RequestError
 from edgelm_agent.inference.loader import load_backend
 from edgelm_agent.inference.scheduler import Scheduler, SchedulerHooks
@@ -34,20 +34,17 @@ from edgelm_agent.inference.types import (
     GenerationRequest,
     SamplingDefaults,
     SamplingFields,
+    TextDelta,
 )
 from edgelm_agent.metrics import AgentMetrics
 from edgelm_agent.registry.errors import ActivationFailed, ModelNotInstalled
 from edgelm_agent.registry.model_target import ModelTarget
 from edgelm_agent.registry.registry import Registry
+from edgelm_agent.registry.state import RegistryState
 from edgelm_agent.serving import FailureStreak, ModelHost, ServingModel
 
 log = structlog.get_logger(__name__)
-CrashPoint = Callable[[str], None]
 T = TypeVar("T")
-
-
-def _no_crash(point: str) -> None:
-    pass
 
 
 class ModelManager:
@@ -65,7 +62,7 @@ class ModelManager:
         default_max_tokens: int = 512,
         gpu_layers: int | None = None,
         onnx_provider: str = "cpu",
-        crash_point: CrashPoint = _no_crash,
+        crash_point: CrashPoint = no_crash,
     ) -> None:
         self.registry = registry
         self.host = host
@@ -95,14 +92,22 @@ class ModelManager:
         if state.active:
             log.error("no_verified_model", active=state.active, previous=state.previous)
 
-    async def activate(self, ref: str, *, event: str = "activated") -> ModelTarget:
+    async def activate(
+        self, ref: str, *, event: str = "activated", details: dict[str, Any] | None = None
+    ) -> ModelTarget:
+        """Verify, load, health-check and switch to ``ref``. ``details`` (the desired state
+        and rollout that asked for it) go into the registry's history with the outcome, and
+        with the health check's figures, which fleet rollouts compare across models."""
         async with self._lock:
             target = self.registry.find(ref)
             try:
-                model = await self._prepare(target)
+                model, health = await self._prepare(target)
             except EdgelmError as exc:
                 reason = str(exc)
-                self.registry.save(self.registry.state().activation_failed(target.ref, reason))
+                await asyncio.to_thread(
+                    self.registry.update,
+                    lambda state: state.activation_failed(target.ref, reason, details),
+                )
                 log.error("activation_failed", model=target.ref, reason=reason)
                 if isinstance(exc, ActivationFailed):
                     raise
@@ -112,12 +117,16 @@ class ModelManager:
             old = self.host.active
             self._crash_point("activation.before_switch")
             self.host.set_active(model)
-            state = self.registry.state()
-            if event == "rolled_back":
-                state = state.rolled_back(target.ref, "requested")
-            elif state.active != target.ref:
-                state = state.activated(target.ref)
-            self.registry.save(state)
+            recorded = {**(details or {}), "health": health.as_dict()}
+
+            def commit(state: RegistryState) -> RegistryState:
+                if event == "rolled_back":
+                    return state.rolled_back(target.ref, "requested", recorded)
+                if state.active != target.ref or details is not None:
+                    return state.activated(target.ref, recorded)
+                return state  # a restart on the recorded model: nothing new happened
+
+            await asyncio.to_thread(self.registry.update, commit)
             self._crash_point("activation.after_commit")
             log.info("model_activated", model=target.ref, how=event)
         if old is not None and old is not model:
@@ -140,7 +149,7 @@ class ModelManager:
             raise ModelNotInstalled("there is no previous model to roll back to")
         return await self.activate(previous, event="rolled_back")
 
-    async def _prepare(self, target: ModelTarget) -> ServingModel:
+    async def _prepare(self, target: ModelTarget) -> tuple[ServingModel, HealthFigures]:
         path: Path = await asyncio.to_thread(self.registry.verified_path, target)
         self._crash_point("activation.verified")
         available = available_memory_bytes()
@@ -198,14 +207,14 @@ class ModelManager:
             **backend.info.accelerator.as_dict(),
         )
         try:
-            await self._health_check(model, target)
+            figures = await self._health_check(model, target)
         except BaseException:
             await scheduler.close()
             backend.close()
             raise
-        return model
+        return model, figures
 
-    async def _health_check(self, model: ServingModel, target: ModelTarget) -> None:
+    async def _health_check(self, model: ServingModel, target: ModelTarget) -> HealthFigures:
         check = target.health_check
         # The check takes the path every request takes (tokenize, fit the context, sample),
         # so a model that passes it can answer a request: one whose context cannot even hold
@@ -221,9 +230,13 @@ class ModelManager:
             ) from exc
         request = GenerationRequest(tuple(tokens), params, request_id="health-check")
         finished: Finished | None = None
+        started = time.perf_counter()
+        first_token_s: float | None = None
         try:
             async with asyncio.timeout(check.timeout_s):
                 async for batch in model.scheduler.generate(request):
+                    if first_token_s is None and isinstance(batch[0], TextDelta):
+                        first_token_s = time.perf_counter() - started
                     last = batch[-1]
                     if isinstance(last, Finished):
                         finished = last
@@ -246,6 +259,8 @@ class ModelManager:
                 f"{check.min_tokens_per_s} tokens/s the model requires",
                 reason="health_check_too_slow",
             )
+        ttft = first_token_s if first_token_s is not None else finished.prefill_s
+        return HealthFigures(tokens_per_s=speed, ttft_ms=round(ttft * 1000, 2))
 
     async def _retire(self, model: ServingModel) -> None:
         """Close a replaced model once the requests still on it are done."""
@@ -261,6 +276,19 @@ class ModelManager:
         self.host.set_active(None)
 
 
+@dataclass(frozen=True)
+class HealthFigures:
+    """How fast the model answered its health check on this device: rollouts compare these
+    with the previous model's on the same hardware class."""
+
+    tokens_per_s: float | None
+    ttft_ms: float | None
+
+    def as_dict(self) -> dict[str, float | None]:
+        speed = None if self.tokens_per_s is None else round(self.tokens_per_s, 2)
+        return {"tokens_per_s": speed, "ttft_ms": self.ttft_ms}
+
+
 def available_memory_bytes() -> int | None:
     """MemAvailable from /proc/meminfo: what a new model may take without swapping out the
     running one. ``None`` where the kernel does not say."""
@@ -272,16 +300,3 @@ def available_memory_bytes() -> int | None:
     except (OSError, ValueError, IndexError):
         return None
     return None
-
-
-def crash_point_from(name: str | None) -> CrashPoint:
-    """For the kill -9 tests: a process that dies at the named point, as if killed there."""
-    if not name:
-        return _no_crash
-
-    def crash(point: str) -> None:
-        if point == name:
-            log.warning("crash_point_reached", point=point)
-            os.kill(os.getpid(), signal.SIGKILL)
-
-    return crash

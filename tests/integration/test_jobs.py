@@ -66,7 +66,7 @@ def db_rows(agent: AgentProcess, sql: str) -> list[dict[str, Any]]:
 
 
 def result_messages(agent: AgentProcess) -> list[dict[str, Any]]:
-    rows = db_rows(agent, "SELECT body FROM outbox WHERE class = 'result' ORDER BY seq")
+    rows = db_rows(agent, "SELECT body FROM outbox WHERE kind = 'result' ORDER BY seq")
     return [json.loads(r["body"]) for r in rows]
 
 

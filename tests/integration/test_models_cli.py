@@ -250,13 +250,14 @@ class TestBadRequests:
         assert serving(agent) == "tiny-llama"
         assert ok_json("verify", "--socket", sock)["ok"] is True
 
-    def test_install_needs_the_agent(self, start_agent):
-        """install cannot work on a state dir: it needs the agent's repository settings."""
+    def test_install_on_a_standalone_state_dir_says_there_is_no_repository(self, start_agent):
+        """install on a stopped standalone agent's files is refused: there is no fleet
+        repository to install from, and the hint says what to do instead."""
         agent = start_agent(TINY_GGUF)
         assert agent.stop() == 0
         error = error_json("install", "tiny-llama", "--state-dir", agent.workdir / "state")
         assert error["reference"] == "direct-install"
-        assert error["hint"] == "run it through the agent's socket"
+        assert "edgelm models import" in error["hint"]
 
 
 class TestGcAndPin:

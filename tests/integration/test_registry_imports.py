@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from edgelm_agent.api.errors import http_status
 from edgelm_agent.registry.errors import (
     InvalidModelMetadata,
     UnsafeSource,
@@ -108,7 +109,7 @@ class TestVersionConflicts:
         before = blobs(registry)
         with pytest.raises(VersionConflict) as refused:
             registry.import_model(other, name="tiny", version="1.0")
-        assert refused.value.status_code == 409
+        assert http_status(refused.value) == (409, "registry_error")
         assert blobs(registry) == before
 
     def test_an_onnx_folder_under_a_gguf_version_is_a_conflict(self, registry):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
 import shutil
 import sqlite3
 import tempfile
@@ -49,7 +50,7 @@ from edgelm_agent.jobs.lifecycle import (
     failure_event,
     next_state,
 )
-from edgelm_agent.jobs.outbox import OutboxClass, OutboxLimits
+from edgelm_agent.jobs.outbox import MessageKind, OutboxLimits, OutboxMessage
 from edgelm_agent.jobs.worker import JobWorker
 from edgelm_agent.serving import ModelHost, ServingModel
 from tests.fake_backend import FakeBackend
@@ -159,6 +160,8 @@ class TestLifecycle:
 # --- the store ---------------------------------------------------------------------------------
 
 KEYS = ("key-a", "key-b", "key-c")
+ROOM = OutboxLimits()
+NO_ROOM = OutboxLimits(durable_max_bytes=0)  # an outbox already at its cap
 MODELS = ("m", "n")
 
 
@@ -208,7 +211,7 @@ def snapshot(conn: sqlite3.Connection) -> dict[str, Any]:
     rows = [dict(r) for r in conn.execute("SELECT * FROM jobs ORDER BY seq").fetchall()]
     positions = {r["id"]: store.get(r["id"])(conn)[1] for r in rows}
     assert all(store.position(i)(conn) == p for i, p in positions.items())  # both ways agree
-    bodies = conn.execute("SELECT body FROM outbox WHERE class = 'result' ORDER BY seq")
+    bodies = conn.execute("SELECT body FROM outbox WHERE kind = 'result' ORDER BY seq")
     return {"rows": rows, "positions": positions, "messages": [json.loads(b[0]) for b in bodies]}
 
 
@@ -274,7 +277,7 @@ class StoreMachine(RuleBasedStateMachine):
         earlier = self.keys.get(sub.key) if sub.key is not None else None
         if earlier is None and sub.upstream and not sub.room:
             with pytest.raises(store.OutboxFullForJobs):
-                self.db.run_sync(store.submit(spec, sub.room))
+                self.db.run_sync(store.submit(spec, ROOM if sub.room else NO_ROOM))
             return
         if earlier is not None:
             first = self.jobs[earlier]
@@ -285,9 +288,9 @@ class StoreMachine(RuleBasedStateMachine):
                 sub.model,
             ):  # the key replayed with another payload: refused, nothing new
                 with pytest.raises(store.IdempotencyKeyReused):
-                    self.db.run_sync(store.submit(spec, sub.room))
+                    self.db.run_sync(store.submit(spec, ROOM if sub.room else NO_ROOM))
                 return
-        view, created = self.db.run_sync(store.submit(spec, sub.room))
+        view, created = self.db.run_sync(store.submit(spec, ROOM if sub.room else NO_ROOM))
         if earlier is not None:  # the key is known: the earlier job, nothing new
             assert not created
             assert view["id"] == earlier
@@ -459,8 +462,9 @@ class StoreMachine(RuleBasedStateMachine):
         for message in view["messages"]:
             job = self.jobs[message["job_id"]]
             assert message["state"] == job.state
-            assert ("result" in message) == (job.state == "succeeded")
-            assert ("error" in message) == (job.state != "succeeded")
+            assert set(message) == {"job_id", "state", "metadata", "result", "error"}
+            assert (message["result"] is not None) == (job.state == "succeeded")
+            assert (message["error"] is not None) == (job.state != "succeeded")
 
 
 class TestStore:
@@ -486,7 +490,7 @@ class TestStore:
             assert db.run_sync(store.recover) == 1
             after, _ = db.run_sync(store.get(job["id"]))
             assert after["state"] == "dead"
-            messages = db.run_sync(outbox.peek(10))
+            messages = db.run_sync(lambda conn: outbox.peek_rows(conn, 10))
             assert [m.body["job_id"] for m in messages] == [job["id"]]
             assert messages[0].body["state"] == "dead"
         finally:
@@ -592,12 +596,16 @@ class TestWorker:
 # --- the outbox --------------------------------------------------------------------------------
 
 LIMITS = OutboxLimits(telemetry_max_messages=3, durable_max_bytes=400)
-PRIORITY = {OutboxClass.RESULT: 0, OutboxClass.EVENT: 1, OutboxClass.TELEMETRY: 2}
+PRIORITY = {MessageKind.RESULT: 0, MessageKind.EVENT: 1, MessageKind.TELEMETRY: 2}
 NEVER_ASSIGNED = 10**9
 
 
 def encoded_size(body: dict[str, Any]) -> int:
     return len(json.dumps(body, separators=(",", ":")))
+
+
+def put_op(kind: MessageKind, body: dict[str, Any]) -> Callable[[sqlite3.Connection], Any]:
+    return lambda conn: outbox.append(conn, kind, body, LIMITS)
 
 
 class OutboxMachine(RuleBasedStateMachine):
@@ -606,7 +614,8 @@ class OutboxMachine(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
         self.workdir, self.db = fresh_database()
-        self.present: dict[int, tuple[OutboxClass, dict[str, Any]]] = {}
+        self.present: dict[int, OutboxMessage] = {}
+        self.acked: list[str] = []  # ids acknowledged before: acking them again is harmless
         self.gone: set[str] = set()  # tags acknowledged or trimmed: never to be seen again
         self.made = 0
 
@@ -615,66 +624,71 @@ class OutboxMachine(RuleBasedStateMachine):
         shutil.rmtree(self.workdir, ignore_errors=True)
 
     def durable_bytes(self) -> int:
-        return sum(encoded_size(body) for cls, body in self.present.values() if cls != "telemetry")
+        return sum(encoded_size(m.body) for m in self.present.values() if m.kind != "telemetry")
 
-    def expected_order(self) -> list[tuple[int, OutboxClass, dict[str, Any]]]:
-        ordered = sorted(self.present.items(), key=lambda kv: (PRIORITY[kv[1][0]], kv[0]))
-        return [(seq, cls, body) for seq, (cls, body) in ordered]
+    def expected_order(self) -> list[tuple[int, MessageKind, dict[str, Any]]]:
+        ordered = sorted(self.present.values(), key=lambda m: (PRIORITY[m.kind], m.seq))
+        return [(m.seq, m.kind, m.body) for m in ordered]
 
-    @rule(cls=st.sampled_from(OutboxClass), pad=st.integers(0, 150))
-    def put(self, cls: OutboxClass, pad: int) -> None:
+    @rule(kind=st.sampled_from(MessageKind), pad=st.integers(0, 150))
+    def put(self, kind: MessageKind, pad: int) -> None:
         self.made += 1
         body = {"tag": f"m{self.made}", "pad": "x" * pad}
         used = self.durable_bytes()
-        if cls == OutboxClass.EVENT and used + encoded_size(body) > LIMITS.durable_max_bytes:
+        if kind == MessageKind.EVENT and used + encoded_size(body) > LIMITS.durable_max_bytes:
             with pytest.raises(outbox.OutboxFull) as full:
-                self.db.run_sync(outbox.put(cls, "topic", body, LIMITS))
+                self.db.run_sync(put_op(kind, body))
             assert full.value.used_bytes == used
             assert full.value.cap_bytes == LIMITS.durable_max_bytes
             self.gone.add(body["tag"])  # refused: never stored
             return
-        seq = self.db.run_sync(outbox.put(cls, "topic", body, LIMITS))
-        assert all(seq > s for s in self.present)  # appended after everything held
-        self.present[seq] = (cls, body)
-        telemetry = sorted(s for s, (c, _) in self.present.items() if c == "telemetry")
+        message = self.db.run_sync(put_op(kind, body))
+        assert re.fullmatch(r"[0-9a-f]{32}", message.id)
+        assert message.schema_version == outbox.SCHEMA_VERSION
+        assert all(message.seq > s for s in self.present)  # appended after everything held
+        assert message.id not in {m.id for m in self.present.values()} | set(self.acked)
+        self.present[message.seq] = message
+        telemetry = sorted(s for s, m in self.present.items() if m.kind == "telemetry")
         for old in telemetry[: -LIMITS.telemetry_max_messages]:  # the oldest are dropped
-            self.gone.add(self.present.pop(old)[1]["tag"])
+            self.gone.add(self.present.pop(old).body["tag"])
 
     @rule(limit=st.integers(1, 12))
     def peek(self, limit: int) -> None:
-        messages = self.db.run_sync(outbox.peek(limit))
-        got = [(m.seq, m.cls, m.body) for m in messages]
+        messages = self.db.run_sync(lambda conn: outbox.peek_rows(conn, limit))
+        got = [(m.seq, m.kind, m.body) for m in messages]
         assert got == self.expected_order()[:limit]
-        ranks = [(PRIORITY[m.cls], m.seq) for m in messages]
-        assert ranks == sorted(ranks)  # result < event < telemetry, then seq within a class
+        ranks = [(PRIORITY[m.kind], m.seq) for m in messages]
+        assert ranks == sorted(ranks)  # result < event < telemetry, then seq within a kind
 
     @rule(data=st.data())
     def ack(self, data: st.DataObject) -> None:
-        # Unknown numbers are ignored. Numbers acknowledged before are left out here: SQLite
-        # may hand them to new messages (see test_sequence_numbers_are_never_reused).
-        choices = [*sorted(self.present), NEVER_ASSIGNED]
-        seqs = data.draw(st.lists(st.sampled_from(choices), max_size=4))
-        known = set(seqs) & set(self.present)
-        assert self.db.run_sync(outbox.ack(seqs)) == len(known)
-        for seq in known:
-            self.gone.add(self.present.pop(seq)[1]["tag"])
+        # Acknowledgements may repeat and may name ids never seen: both change nothing else.
+        held = sorted(m.id for m in self.present.values())
+        choices = [*held, *self.acked[-3:], "f" * 32]
+        ids = data.draw(st.lists(st.sampled_from(choices), max_size=4, unique=True))
+        known = [m for m in self.present.values() if m.id in ids]
+        assert self.db.run_sync(lambda conn: outbox.delete_ids(conn, ids)) == len(known)
+        for message in known:
+            self.gone.add(self.present.pop(message.seq).body["tag"])
+            self.acked.append(message.id)
 
     @rule()
     def has_room(self) -> None:
         expected = self.durable_bytes() < LIMITS.durable_max_bytes
-        assert self.db.run_sync(outbox.has_room(LIMITS)) is expected
+        assert self.db.run_sync(lambda conn: outbox.has_room(conn, LIMITS)) is expected
 
     @invariant()
     def outbox_agrees_with_the_model(self) -> None:
-        held = self.db.run_sync(outbox.peek(10_000))
-        assert [(m.seq, m.cls, m.body) for m in held] == self.expected_order()
+        held = self.db.run_sync(lambda conn: outbox.peek_rows(conn, 10_000))
+        assert [(m.seq, m.kind, m.body) for m in held] == self.expected_order()
+        assert [m.id for m in held] == [self.present[m.seq].id for m in held]
         assert not {m.body["tag"] for m in held} & self.gone
-        by_class = Counter(str(cls) for cls, _ in self.present.values())
-        assert self.db.run_sync(outbox.counts()) == {str(c): by_class[str(c)] for c in OutboxClass}
-        assert by_class["telemetry"] <= LIMITS.telemetry_max_messages
-        for cls in OutboxClass:
-            seqs = [m.seq for m in held if m.cls == cls]
-            assert seqs == sorted(set(seqs))  # strictly increasing within a class
+        by_kind = Counter(m.kind for m in self.present.values())
+        assert self.db.run_sync(outbox.count_rows) == {k: by_kind[k] for k in MessageKind}
+        assert by_kind[MessageKind.TELEMETRY] <= LIMITS.telemetry_max_messages
+        for kind in MessageKind:
+            seqs = [m.seq for m in held if m.kind == kind]
+            assert seqs == sorted(set(seqs))  # strictly increasing within a kind
 
 
 class TestOutbox:
@@ -682,16 +696,34 @@ class TestOutbox:
         """Random puts, peeks and acks keep order, caps and acknowledgements as documented."""
         run_state_machine_as_test(OutboxMachine, settings=MACHINE_SETTINGS)
 
-    def test_sequence_numbers_are_never_reused(self) -> None:
+    def test_an_ack_repeated_after_a_new_put_deletes_only_its_message(self) -> None:
         """A repeated acknowledgement never deletes a message put after the first one."""
         workdir, db = fresh_database()
         try:
-            first = db.run_sync(outbox.put(OutboxClass.RESULT, "result", {"n": 1}, LIMITS))
-            assert db.run_sync(outbox.ack([first])) == 1
-            second = db.run_sync(outbox.put(OutboxClass.RESULT, "result", {"n": 2}, LIMITS))
-            assert db.run_sync(outbox.ack([first])) == 0  # the same ack, delivered again
-            assert [m.body for m in db.run_sync(outbox.peek(10))] == [{"n": 2}]
-            assert second > first
+            first = db.run_sync(put_op(MessageKind.RESULT, {"n": 1}))
+            assert db.run_sync(lambda conn: outbox.delete_ids(conn, [first.id])) == 1
+            second = db.run_sync(put_op(MessageKind.RESULT, {"n": 2}))
+            assert db.run_sync(lambda conn: outbox.delete_ids(conn, [first.id])) == 0
+            assert [m.body for m in db.run_sync(lambda c: outbox.peek_rows(c, 10))] == [{"n": 2}]
+            assert second.seq > first.seq
+            assert second.id != first.id
+        finally:
+            db.close()
+            shutil.rmtree(workdir, ignore_errors=True)
+
+    def test_a_full_outbox_refuses_upstream_jobs_in_the_submit_transaction(self) -> None:
+        """The room check and the insert are one transaction: an upstream job is refused
+        while results and events fill the cap, a local one is still accepted."""
+        workdir, db = fresh_database()
+        try:
+            db.run_sync(put_op(MessageKind.RESULT, {"pad": "x" * 400}))  # results always fit
+            upstream = store.JobSpec(
+                kind="completion", request={"model": "m", "prompt": "p"}, report="upstream"
+            )
+            with pytest.raises(store.OutboxFullForJobs):
+                db.run_sync(store.submit(upstream, LIMITS))
+            local = store.JobSpec(kind="completion", request={"model": "m", "prompt": "p"})
+            assert db.run_sync(store.submit(local, LIMITS))[1]
         finally:
             db.close()
             shutil.rmtree(workdir, ignore_errors=True)

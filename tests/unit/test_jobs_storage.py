@@ -94,7 +94,7 @@ class TestMigrations:
             ('{"model": "m", "prompt": "hi"}',),
         )
         monkeypatch.setattr(database, "MIGRATIONS", MIGRATIONS)
-        assert migrate(conn) == ["0005_idempotency_fingerprint", "0006_job_model"]
+        assert migrate(conn)[:2] == ["0005_idempotency_fingerprint", "0006_job_model"]
         conn.execute("BEGIN")
         same, created = store.submit(old)(conn)
         assert (same["id"], created) == ("job-old", False)
@@ -120,9 +120,41 @@ class TestMigrations:
                 (job_id, request),
             )
         monkeypatch.setattr(database, "MIGRATIONS", MIGRATIONS)
-        assert migrate(conn) == ["0006_job_model"]
+        assert migrate(conn)[0] == "0006_job_model"
         models = dict(conn.execute("SELECT id, model FROM jobs").fetchall())
         assert models == {"job-a": "m", "job-b": ""}
+
+    def test_upgrade_gives_outbox_messages_ids_and_never_reuses_a_sequence(
+        self, tmp_path, monkeypatch
+    ):
+        """Messages queued before 0007 keep their order and kind and get unique ids; a
+        sequence number once used (even by a message since acknowledged) is never reused."""
+        import edgelm_agent.jobs.database as database
+        from edgelm_agent.jobs import outbox
+
+        conn = connect(tmp_path / "agent.db")
+        monkeypatch.setattr(database, "MIGRATIONS", MIGRATIONS[:6])
+        migrate(conn)
+        for n, cls in enumerate(("result", "event", "telemetry", "result"), start=1):
+            conn.execute(
+                "INSERT INTO outbox (class, topic, body, bytes, created_at) "
+                "VALUES (?, ?, ?, 9, 1)",
+                (cls, cls, f'{{"n": {n}}}'),
+            )
+        conn.execute("DELETE FROM outbox WHERE seq = 4")  # acknowledged before the upgrade
+        monkeypatch.setattr(database, "MIGRATIONS", MIGRATIONS)
+        assert migrate(conn) == ["0007_outbox_messages"]
+        held = outbox.peek_rows(conn, 10)
+        assert [(m.seq, m.kind, m.body) for m in held] == [
+            (1, "result", {"n": 1}),
+            (2, "event", {"n": 2}),
+            (3, "telemetry", {"n": 3}),
+        ]
+        assert len({m.id for m in held}) == 3
+        conn.execute("BEGIN")
+        new = outbox.append(conn, outbox.MessageKind.RESULT, {"n": 5})
+        conn.execute("COMMIT")
+        assert new.seq == 5
 
     def test_migrations_do_not_load_numpy(self, tmp_path):
         """sqlite_utils would import numpy (16 MB) for nothing; an idle agent must not pay it."""

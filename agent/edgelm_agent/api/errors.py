@@ -1,15 +1,111 @@
-"""The one place where errors become OpenAI-style JSON error bodies.
+"""The one place where errors become HTTP: a status and an OpenAI-style JSON error body.
 
-``{"error": {"message": ..., "type": ..., "param": ..., "code": ...}}``, with the status the
-error class declares. Nothing else in the API builds an error response, and no traceback ever
-reaches a client.
+``{"error": {"message": ..., "type": ..., "param": ..., "code": ...}}``. :data:`HTTP_ERRORS`
+is the whole mapping, one table: each error class the agent raises on purpose, with its HTTP
+status and its OpenAI error type. A class that is not listed answers as its nearest listed
+base class does. Nothing else in the API builds an error response, and no traceback ever
+reaches a client. Job results and fleet job results take the same fields
+(:func:`error_fields`), so an error reads the same wherever it surfaces.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 from aiohttp import web
 
-from edgelm_agent.errors import EdgelmError, Overloaded, RequestError
+from edgelm_agent.errors import (
+    BackendError,
+    ConfigError,
+    ContextOverflow,
+    EdgelmError,
+    ForbiddenHost,
+    InvalidRequest,
+    ModelError,
+    ModelNotFound,
+    NotAuthorized,
+    NotReady,
+    Overloaded,
+    PayloadTooLarge,
+    QueueFull,
+    RequestError,
+    RequestTimeout,
+)
+from edgelm_agent.jobs.database import StorageError, StorageFull
+from edgelm_agent.jobs.lifecycle import IllegalTransition
+from edgelm_agent.jobs.store import (
+    IdempotencyKeyReused,
+    JobConflict,
+    JobNotFound,
+    OutboxFullForJobs,
+)
+from edgelm_agent.registry.errors import (
+    ActivationFailed,
+    DownloadError,
+    InstallCancelled,
+    InsufficientSpace,
+    ModelNotInstalled,
+    RegistryBusy,
+    RegistryError,
+    RepositoryError,
+    UnsafeSource,
+    VersionConflict,
+)
+
+INVALID = "invalid_request_error"
+SERVER = "server_error"
+
+HTTP_ERRORS: dict[type[EdgelmError], tuple[int, str]] = {
+    # the agent
+    EdgelmError: (500, SERVER),
+    ConfigError: (500, SERVER),
+    ModelError: (500, SERVER),
+    BackendError: (500, SERVER),
+    RequestError: (400, INVALID),
+    InvalidRequest: (400, INVALID),
+    ContextOverflow: (400, INVALID),
+    NotAuthorized: (401, "authentication_error"),
+    ForbiddenHost: (403, "permission_error"),
+    ModelNotFound: (404, INVALID),
+    RequestTimeout: (408, INVALID),
+    PayloadTooLarge: (413, INVALID),
+    Overloaded: (503, SERVER),
+    NotReady: (503, SERVER),
+    QueueFull: (429, "rate_limit_error"),
+    # jobs
+    JobNotFound: (404, INVALID),
+    JobConflict: (409, INVALID),
+    IdempotencyKeyReused: (422, INVALID),
+    OutboxFullForJobs: (507, SERVER),
+    StorageFull: (507, SERVER),
+    StorageError: (500, SERVER),
+    IllegalTransition: (500, SERVER),
+    # the registry
+    RegistryError: (500, "registry_error"),
+    RepositoryError: (422, "registry_error"),
+    DownloadError: (502, "registry_error"),
+    InstallCancelled: (409, "registry_error"),
+    InsufficientSpace: (507, "registry_error"),
+    ModelNotInstalled: (404, "registry_error"),
+    UnsafeSource: (422, "registry_error"),
+    VersionConflict: (409, "registry_error"),
+    RegistryBusy: (409, "registry_error"),
+    ActivationFailed: (422, "registry_error"),
+}
+
+
+def http_status(exc: EdgelmError) -> tuple[int, str]:
+    """(HTTP status, OpenAI error type) of an error: its class's row, or its nearest base's."""
+    for cls in type(exc).__mro__:
+        if cls in HTTP_ERRORS:
+            return HTTP_ERRORS[cls]
+    return HTTP_ERRORS[EdgelmError]
+
+
+def error_fields(exc: EdgelmError) -> dict[str, Any]:
+    """``code``, ``type`` and ``message`` of an error, as job results record it."""
+    return {"code": exc.code, "type": http_status(exc)[1], "message": str(exc)}
+
 
 # aiohttp raises these itself (routing, limits); map them to the same body shape.
 _HTTP_TYPES = {
@@ -31,10 +127,9 @@ def error_response(exc: EdgelmError) -> web.Response:
     headers = {}
     if isinstance(exc, Overloaded):
         headers["Retry-After"] = str(exc.retry_after_s)
+    status, error_type = http_status(exc)
     return web.json_response(
-        error_body(str(exc), exc.error_type, exc.code, param),
-        status=exc.status_code,
-        headers=headers,
+        error_body(str(exc), error_type, exc.code, param), status=status, headers=headers
     )
 
 

@@ -15,7 +15,7 @@ from aiohttp import web
 
 from edgelm_agent.api.openai_routes import read_json
 from edgelm_agent.errors import InvalidRequest, ModelNotFound, NotReady
-from edgelm_agent.jobs import outbox, store
+from edgelm_agent.jobs import store
 from edgelm_agent.jobs.database import Database
 from edgelm_agent.jobs.outbox import OutboxLimits
 from edgelm_agent.jobs.submission import parse_job
@@ -57,12 +57,7 @@ async def submit(request: web.Request) -> web.Response:
         known = await jobs.models.known_models()
         if spec.model not in known:
             raise ModelNotFound(spec.model, sorted(known), what="installed or offered")
-    room = (
-        await jobs.db.run(outbox.has_room(jobs.outbox_limits))
-        if spec.report == "upstream"
-        else True
-    )
-    job, created = await jobs.db.run(store.submit(spec, room))
+    job, created = await jobs.db.run(store.submit(spec, jobs.outbox_limits))
     if created:
         jobs.worker.wake()
     position = await jobs.db.read(store.position(job["id"]))

@@ -19,6 +19,7 @@ from edgelm_agent.api.context import (
     STARTED,
     ApiContext,
 )
+from edgelm_agent.api.errors import http_status
 from edgelm_agent.api.sse import SseStream, sse_event
 from edgelm_agent.errors import BackendError, NotReady, PayloadTooLarge, RequestTimeout
 from edgelm_agent.generation.openai_format import DeltaEncoder, Formatter, Usage
@@ -143,7 +144,7 @@ class Generation:
             if sse is None or not sse.opened:
                 raise
             facts["error"] = exc.code
-            return await sse.fail(str(exc), exc.error_type, exc.code)
+            return await sse.fail(str(exc), http_status(exc)[1], exc.code)
         assert finished is not None  # the scheduler always ends a stream with Finished
         if finished.reason == "cancelled":
             # Only the end of the shutdown grace stops a generation whose client is still
@@ -155,7 +156,7 @@ class Generation:
             if sse is None or not sse.opened:
                 raise stopped
             facts["error"] = stopped.code
-            return await sse.fail(str(stopped), stopped.error_type, stopped.code)
+            return await sse.fail(str(stopped), http_status(stopped)[1], stopped.code)
         usage = Usage(len(self.tokens), finished.completion_tokens)
         self._observe(finished, usage)
         if sse is None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shlex
 import shutil
@@ -15,10 +16,13 @@ import structlog
 from rich.console import Console
 from rich.panel import Panel
 
-from edgelm_agent.config import load_config
+from edgelm_agent.config import load_config, with_enrollment
 from edgelm_agent.daemon import Daemon, ReadyInfo
-from edgelm_agent.errors import ConfigError, ModelError
+from edgelm_agent.enrollment import read_bundle, write_enrollment
+from edgelm_agent.errors import ConfigError, EdgelmError, ModelError
 from edgelm_agent.logs import configure_logging
+from edgelm_agent.registry.factory import registry_for
+from edgelm_agent.state_dir import prepare_state_dir
 from edgelm_cli.diagnostics import DiagnosticError
 from edgelm_cli.groups import SuggestingGroup
 
@@ -153,3 +157,78 @@ def run(config_file: Path | None, **flags: Any) -> None:
             str(exc),
             hint="check the path, or run `edgelm agent run` without --model",
         ) from exc
+
+
+@agent.command("enroll")
+@click.argument("bundle", type=click.Path(path_type=Path, dir_okay=False))
+@click.option("--state-dir", help="State directory. [default: /var/lib/edgelm]")
+@click.option(
+    "--replace",
+    is_flag=True,
+    help="Leave the fleet this device is enrolled in for the one that issued BUNDLE.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+def enroll(bundle: Path, state_dir: str | None, replace: bool, as_json: bool) -> None:
+    """Join the fleet that issued BUNDLE (from `edgelm provision device`), with the agent
+    stopped. Afterwards `edgelm agent run --state-dir DIR` syncs with no further flags.
+
+    The device's trust root is replaced by the fleet's, and installed models are kept only
+    if the fleet's signed metadata lists them.
+    """
+    configure_logging("console", "info", stream=sys.stderr)
+    try:
+        base = load_config(None, {"state_dir": state_dir} if state_dir else {})
+        enrollment, root = read_bundle(bundle)
+    except ConfigError as exc:
+        raise DiagnosticError(exc.code or "enroll-failed", str(exc), as_json=as_json) from exc
+    current = base.enrollment
+    if (
+        current is not None
+        and not replace
+        and (current.fleet, current.device_id)
+        != (
+            enrollment.fleet,
+            enrollment.device_id,
+        )
+    ):
+        raise DiagnosticError(
+            "already-enrolled",
+            f"this device is {current.device_id} in fleet {current.fleet}",
+            hint="pass --replace to leave that fleet for the bundle's",
+            as_json=as_json,
+        )
+    prepare_state_dir(base.state_dir)
+    try:
+        with registry_for(base).locked():
+            write_enrollment(base.state_dir, enrollment, root)
+            change = registry_for(with_enrollment(base)).adopt_trust_root(root)
+    except EdgelmError as exc:
+        raise DiagnosticError(
+            f"enroll-{exc.code}", str(exc), hint="stop the agent first", as_json=as_json
+        ) from exc
+    structlog.get_logger().warning(
+        "trust_root_replaced",
+        fleet=enrollment.fleet,
+        device=enrollment.device_id,
+        previous_root="local" if change.old_root else None,
+        models_kept=change.kept,
+        models_dropped=change.dropped,
+        repository_reachable=change.repository_reachable,
+    )
+    data = {
+        "fleet": enrollment.fleet,
+        "device_id": enrollment.device_id,
+        "state_dir": str(base.state_dir),
+        "models_kept": change.kept,
+        "models_dropped": change.dropped,
+        "repository_reachable": change.repository_reachable,
+    }
+    if as_json:
+        click.echo(json.dumps(data, indent=2))
+        return
+    console = Console(stderr=True)
+    console.print(f"enrolled [bold]{enrollment.device_id}[/] in fleet [bold]{enrollment.fleet}[/]")
+    if change.dropped:
+        why = "" if change.repository_reachable else " (the fleet's repository was unreachable)"
+        console.print(f"not kept{why}: {', '.join(change.dropped)}")
+    console.print(f"start it with: edgelm agent run --state-dir {shlex.quote(str(base.state_dir))}")

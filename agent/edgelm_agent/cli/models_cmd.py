@@ -24,10 +24,11 @@ from rich.table import Table
 
 from edgelm_agent.api.registry_routes import state_view
 from edgelm_agent.cli.socket_client import AgentClient
-from edgelm_agent.config import env_socket_path
-from edgelm_agent.errors import EdgelmError
+from edgelm_agent.config import env_socket_path, load_config
+from edgelm_agent.errors import ConfigError, EdgelmError
 from edgelm_agent.inference.types import MIN_CONTEXT_LENGTH
-from edgelm_agent.registry.registry import Registry, RegistryConfig
+from edgelm_agent.registry.factory import registry_for
+from edgelm_agent.registry.registry import Registry
 from edgelm_agent.state_dir import use_private_umask
 from edgelm_cli.diagnostics import DiagnosticError
 from edgelm_cli.groups import SuggestingGroup
@@ -74,7 +75,11 @@ class Where:
                 as_json=self.as_json,
             )
         use_private_umask()
-        registry = Registry(RegistryConfig(root=root))
+        try:
+            config = load_config(None, {"state_dir": str(self.state_dir)})
+        except ConfigError as exc:
+            raise DiagnosticError("config-invalid", str(exc), as_json=self.as_json) from exc
+        registry = registry_for(config)
         try:
             with registry.locked():
                 yield registry
@@ -227,13 +232,18 @@ def install_cmd(ref: str, socket: Path | None, state_dir: Path | None, as_json: 
     where = Where(socket, state_dir, as_json)
     name, version = _split(ref)
     if state_dir is not None:
-        raise DiagnosticError(
-            "direct-install",
-            "install needs the agent's repository settings",
-            hint="run it through the agent's socket",
-            as_json=as_json,
-        )
-    data = where.call("POST", "/v1/registry/install", {"name": name, "version": version})
+        with where.registry(create=True) as registry, where.progress() as progress:
+            if registry.standalone:
+                raise DiagnosticError(
+                    "direct-install",
+                    "this device has no fleet repository to install from",
+                    hint="enroll it (`edgelm agent enroll`), set repository_mirrors, or "
+                    "use `edgelm models import` for a local file",
+                    as_json=as_json,
+                )
+            data = registry.install(name, version, progress).as_dict()
+    else:
+        data = where.call("POST", "/v1/registry/install", {"name": name, "version": version})
     _emit(
         where, data, lambda: console.print(f"installed [bold]{data['name']}@{data['version']}[/]")
     )

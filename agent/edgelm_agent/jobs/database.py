@@ -45,13 +45,10 @@ MAX_GROUP = 512  # operations per transaction; bounds latency for the first one 
 class StorageFull(EdgelmError):
     """The disk is full: the operation was rolled back and nothing is lost."""
 
-    status_code = 507
-    error_type = "server_error"
     code = "storage_full"
 
 
 class StorageError(EdgelmError):
-    status_code = 500
     code = "storage_error"
 
 
@@ -161,6 +158,35 @@ def _migration_job_model(db: sqlite_utils.Database) -> None:
     db.execute("CREATE INDEX idx_jobs_model_due ON jobs (state, model, not_before)")
 
 
+def _migration_outbox_messages(db: sqlite_utils.Database) -> None:
+    # Each message gets its own id (what the control plane acknowledges and deduplicates
+    # on) and a schema version, and a kind replaces the topic: sync picks topics as it sends.
+    db.execute("ALTER TABLE outbox RENAME TO outbox_old")
+    db.execute(
+        "CREATE TABLE outbox (seq INTEGER PRIMARY KEY AUTOINCREMENT, "
+        "message_id TEXT NOT NULL UNIQUE, kind TEXT NOT NULL, schema_version INTEGER NOT NULL, "
+        "body TEXT NOT NULL, bytes INTEGER NOT NULL, created_at FLOAT NOT NULL)"
+    )
+    db.execute(
+        "INSERT INTO outbox (seq, message_id, kind, schema_version, body, bytes, created_at) "
+        "SELECT seq, lower(hex(randomblob(16))), class, 1, body, bytes, created_at "
+        "FROM outbox_old"
+    )
+    # Sequence numbers are never reused, even past rows already acknowledged and gone.
+    db.execute(
+        "UPDATE sqlite_sequence SET seq = max(seq, coalesce((SELECT seq FROM sqlite_sequence "
+        "WHERE name = 'outbox_old'), 0)) WHERE name = 'outbox'"
+    )
+    db.execute(
+        "INSERT INTO sqlite_sequence (name, seq) SELECT 'outbox', seq FROM sqlite_sequence "
+        "WHERE name = 'outbox_old' AND NOT EXISTS "
+        "(SELECT 1 FROM sqlite_sequence WHERE name = 'outbox')"
+    )
+    db.execute("DROP TABLE outbox_old")
+    db.execute("DELETE FROM sqlite_sequence WHERE name = 'outbox_old'")
+    db.execute("CREATE INDEX idx_outbox_kind_seq ON outbox (kind, seq)")
+
+
 MIGRATIONS: tuple[tuple[str, Callable[[sqlite_utils.Database], None]], ...] = (
     ("0001_jobs", _migration_jobs),
     ("0002_outbox", _migration_outbox),
@@ -168,6 +194,7 @@ MIGRATIONS: tuple[tuple[str, Callable[[sqlite_utils.Database], None]], ...] = (
     ("0004_outbox_autoincrement", _migration_outbox_autoincrement),
     ("0005_idempotency_fingerprint", _migration_idempotency_fingerprint),
     ("0006_job_model", _migration_job_model),
+    ("0007_outbox_messages", _migration_outbox_messages),
 )
 
 

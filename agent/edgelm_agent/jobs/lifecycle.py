@@ -17,6 +17,8 @@ from __future__ import annotations
 
 from enum import StrEnum
 
+from edgelm_agent.errors import EdgelmError
+
 
 class JobState(StrEnum):
     QUEUED = "queued"
@@ -56,7 +58,9 @@ TRANSITIONS: dict[tuple[JobState, JobEvent], JobState] = {
 }
 
 
-class IllegalTransition(Exception):  # named for what it is, as in h11
+class IllegalTransition(EdgelmError):  # named for what it is, as in h11
+    code = "illegal_transition"
+
     def __init__(self, state: JobState, event: JobEvent) -> None:
         super().__init__(f"a {state} job cannot {event}")
         self.state = state

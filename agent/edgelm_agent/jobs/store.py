@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from edgelm_agent.errors import InvalidRequest, RequestError
+from edgelm_agent.jobs import outbox
 from edgelm_agent.jobs.lifecycle import (
     FINAL,
     JobEvent,
@@ -26,23 +27,20 @@ from edgelm_agent.jobs.lifecycle import (
     failure_event,
     next_state,
 )
-from edgelm_agent.jobs.outbox import OutboxClass, put_message
+from edgelm_agent.jobs.outbox import MessageKind, OutboxLimits
 
 
 class JobNotFound(RequestError):
-    status_code = 404
     code = "job_not_found"
 
 
 class JobConflict(RequestError):
-    status_code = 409
     code = "job_conflict"
 
 
 class IdempotencyKeyReused(RequestError):
     """The IETF Idempotency-Key draft's answer to a key replayed with another payload."""
 
-    status_code = 422
     code = "idempotency_key_reused"
 
 
@@ -156,8 +154,11 @@ def _transition(
     return _row(conn, row["id"])
 
 
-def submit(spec: JobSpec, outbox_has_room: bool = True) -> Any:
+def submit(spec: JobSpec, limits: OutboxLimits | None = None) -> Any:
+    """Store a new job (or find the one its idempotency key names). An upstream job is
+    refused while the outbox is full, checked in the same transaction that stores it."""
     fingerprint = spec.fingerprint()
+    limits = limits or OutboxLimits()
 
     def op(conn: sqlite3.Connection) -> tuple[dict[str, Any], bool]:
         if spec.idempotency_key is not None:
@@ -172,7 +173,7 @@ def submit(spec: JobSpec, outbox_has_room: bool = True) -> Any:
                         param="idempotency_key",
                     )
                 return _job_view(existing), False
-        if spec.report == "upstream" and not outbox_has_room:
+        if spec.report == "upstream" and not outbox.has_room(conn, limits):
             raise OutboxFullForJobs(
                 "the outbox for headquarters is full; upstream jobs are refused until the "
                 "link is back and it drains (local jobs are still accepted)"
@@ -213,8 +214,6 @@ def position(job_id: str) -> Any:
 
 
 class OutboxFullForJobs(RequestError):
-    status_code = 507
-    error_type = "server_error"
     code = "outbox_full"
 
 
@@ -376,6 +375,18 @@ def recover(conn: sqlite3.Connection) -> int:
     return len(rows)
 
 
+#: Jobs from the fleet carry this prefix before the job message's id in their idempotency
+#: key: their result names that id, which is how the control plane knows its job.
+FLEET_KEY_PREFIX = "fleet:"
+
+
+def reported_job_id(job_id: str, idempotency_key: str | None) -> str:
+    """The id a job's result reports: the fleet's message id for a fleet job, else ours."""
+    if idempotency_key is not None and idempotency_key.startswith(FLEET_KEY_PREFIX):
+        return idempotency_key.removeprefix(FLEET_KEY_PREFIX)
+    return job_id
+
+
 def _metadata_or_none(raw: str | None) -> Any:
     try:
         return json.loads(raw or "null")
@@ -388,17 +399,16 @@ def _report_if_final(conn: sqlite3.Connection, after: sqlite3.Row, outcome: dict
     with the error that ended it (failed, dead, cancelled or expired). It is written in the
     transaction that makes the job final, so a crash cannot lose or repeat it."""
     if after["state"] in FINAL and after["report"] == "upstream":
-        put_message(
-            conn,
-            OutboxClass.RESULT,
-            "result",
-            {
-                "job_id": after["id"],
-                "state": after["state"],
-                "metadata": _metadata_or_none(after["metadata"]),
-                **outcome,
-            },
-        )
+        body = {
+            "job_id": reported_job_id(after["id"], after["idempotency_key"]),
+            "state": after["state"],
+            "metadata": _metadata_or_none(after["metadata"]),
+            "result": None,
+            "error": None,
+            **outcome,
+        }
+        # Its room was checked when the job was accepted: a result is never refused.
+        outbox.append(conn, MessageKind.RESULT, body)
 
 
 def prune(max_age_s: float, max_count: int) -> Any:

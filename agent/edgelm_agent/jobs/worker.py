@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import Callable
 from contextlib import aclosing
 from typing import Any
 
@@ -52,12 +53,19 @@ class JobWorker:
         retention_s: float,
         retention_count: int,
         idle_poll_s: float = 1.0,
+        describe_error: Callable[[EdgelmError], dict[str, Any]] = lambda exc: {
+            "code": exc.code,
+            "message": str(exc),
+        },
     ) -> None:
         self.db = db
         self.host = host
         self.retention_s = retention_s
         self.retention_count = retention_count
         self.idle_poll_s = idle_poll_s
+        #: Turns an error into a job's ``error`` object; the composition root passes the API's
+        #: (edgelm_agent.api.errors.error_fields), so a job's error reads like an HTTP one.
+        self._describe_error = describe_error
         self._wake = asyncio.Event()
         self._running: dict[str, asyncio.Task[Any]] = {}
         self._cancelled: set[str] = set()
@@ -132,11 +140,11 @@ class JobWorker:
         try:
             result = await self._generate(job)
         except RequestError as exc:  # the request itself is wrong: retrying cannot help
-            await self.db.run(store.fail(job, _error(exc), transient=False))
+            await self.db.run(store.fail(job, self._describe_error(exc), transient=False))
             log.info("job_failed", job_id=job_id, error=exc.code)
             return
         except EdgelmError as exc:  # busy, loading, runtime failure: worth another attempt
-            state = await self.db.run(store.fail(job, _error(exc), transient=True))
+            state = await self.db.run(store.fail(job, self._describe_error(exc), transient=True))
             log.warning("job_attempt_failed", job_id=job_id, error=exc.code, now=state)
             return
         except Exception as exc:  # a fault nobody foresaw fails this attempt, not the worker
@@ -177,7 +185,3 @@ class JobWorker:
             raise GenerationInterrupted("the generation was stopped", retry_after_s=5)
         usage = Usage(len(prepared.tokens), finished.completion_tokens)
         return prepared.formatter.full("".join(texts), finished.reason, usage)
-
-
-def _error(exc: EdgelmError) -> dict[str, Any]:
-    return {"code": exc.code, "type": exc.error_type, "message": str(exc)}

@@ -12,6 +12,7 @@
     │   ├── InvalidModelMetadata     a target without the custom fields the agent needs
     │   └── MetadataTooLarge         metadata over its size limit (endless-data attack)
     ├── DownloadError            the transport failed on every mirror
+    ├── InstallCancelled         a download was cancelled (a newer desired state); resumable
     ├── InsufficientSpace        not enough free disk for the model plus the margin
     ├── ModelNotInstalled        the caller named a model this device does not have
     ├── UnsafeSource             an import names a link, a special file, or such inside a folder
@@ -29,15 +30,12 @@ from edgelm_agent.errors import EdgelmError
 
 
 class RegistryError(EdgelmError):
-    status_code = 500
-    error_type = "registry_error"
     code = "registry_error"
 
 
 class RepositoryError(RegistryError):
     """Data from the repository (or the blob on disk) failed verification."""
 
-    status_code = 422
     code = "verification_failed"
 
 
@@ -70,12 +68,14 @@ class MetadataTooLarge(RepositoryError):
 
 
 class DownloadError(RegistryError):
-    status_code = 502
     code = "download_failed"
 
 
+class InstallCancelled(RegistryError):
+    code = "install_cancelled"
+
+
 class InsufficientSpace(RegistryError):
-    status_code = 507
     code = "insufficient_space"
 
     def __init__(self, *, needed_bytes: int, available_bytes: int, path: str) -> None:
@@ -88,31 +88,26 @@ class InsufficientSpace(RegistryError):
 
 
 class ModelNotInstalled(RegistryError):
-    status_code = 404
     code = "model_not_installed"
 
 
 class UnsafeSource(RegistryError):
     """What an import names cannot be read safely (see registry/import_source.py)."""
 
-    status_code = 422
     code = "unsafe_source"
 
 
 class VersionConflict(RegistryError):
     """Versions never change: the same name@version with other content is refused."""
 
-    status_code = 409
     code = "version_conflict"
 
 
 class RegistryBusy(RegistryError):
-    status_code = 409
     code = "registry_busy"
 
 
 class ActivationFailed(RegistryError):
-    status_code = 422
     code = "activation_failed"
 
     def __init__(self, message: str, *, reason: str) -> None:

@@ -12,6 +12,7 @@ checks, because trust comes from the signatures, never from where the bytes came
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -19,7 +20,7 @@ import urllib3
 from tuf.api import exceptions as tuf_exceptions
 from tuf.ngclient.fetcher import FetcherInterface
 
-from edgelm_agent.registry.errors import DownloadError, TargetMismatch
+from edgelm_agent.registry.errors import DownloadError, InstallCancelled, TargetMismatch
 
 MIRROR_URL = "edgelm-mirror:///"  # what ngclient sees; the fetcher maps it onto each mirror
 CHUNK_BYTES = 1 << 20
@@ -113,6 +114,7 @@ def download_resumable(
     progress: Callable[[int], None] = lambda n: None,
     pool: urllib3.PoolManager | None = None,
     timeout_s: float = 30.0,
+    cancel: threading.Event | None = None,
 ) -> int:
     """Complete ``partial`` up to ``length`` bytes from the first mirror that serves it.
 
@@ -138,8 +140,8 @@ def download_resumable(
                 if not source.is_file():
                     raise FileNotFoundError(f"{source} not found")
                 chunks = _read_chunks(source, have)
-            return _append(partial, chunks, have, length, progress)
-        except TargetMismatch:
+            return _append(partial, chunks, have, length, progress, cancel)
+        except (TargetMismatch, InstallCancelled):
             raise
         except (OSError, urllib3.exceptions.HTTPError, DownloadError) as exc:
             failures.append(f"{mirror}: {exc}")
@@ -160,7 +162,12 @@ def _http_range(
 
 
 def _append(
-    partial: Path, chunks: Iterator[bytes], start: int, length: int, progress: Callable[[int], None]
+    partial: Path,
+    chunks: Iterator[bytes],
+    start: int,
+    length: int,
+    progress: Callable[[int], None],
+    cancel: threading.Event | None = None,
 ) -> int:
     fetched = 0
     mode = "r+b" if start and partial.exists() else "wb"
@@ -168,6 +175,11 @@ def _append(
         out.seek(start)
         out.truncate()
         for chunk in chunks:
+            if cancel is not None and cancel.is_set():
+                # What arrived stays in the partial file: the next attempt resumes from it.
+                out.flush()
+                os.fsync(out.fileno())
+                raise InstallCancelled(f"download cancelled at {start + fetched} of {length} bytes")
             if start + fetched + len(chunk) > length:
                 raise TargetMismatch(f"mirror sent more than the signed length of {length} bytes")
             out.write(chunk)

@@ -26,10 +26,12 @@ import json
 import os
 import re
 import shutil
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 from edgelm_agent.inference.types import MIN_CONTEXT_LENGTH
 from edgelm_agent.registry.blob_store import BlobStore, hash_stream
@@ -75,6 +77,16 @@ class RegistryConfig:
     #: The fleet repository's root metadata, installed as trust anchor on first use.
     trust_root: Path | None = None
     free_margin_bytes: int = 256 << 20
+
+
+@dataclass(frozen=True)
+class TrustChange:
+    """What enrolling in a fleet did to the registry."""
+
+    old_root: bytes | None
+    kept: list[str]
+    dropped: list[str]
+    repository_reachable: bool
 
 
 @dataclass(frozen=True)
@@ -135,6 +147,9 @@ class Registry:
         self._local_repo_dir = root / "local-repo"
         self._local_keys_dir = root / "local-keys"
         self._names_cache: tuple[tuple[tuple[int, int] | None, ...], frozenset[str]] | None = None
+        self._state_lock = threading.RLock()
+        #: Blobs of installs in progress, by model: gc leaves them alone.
+        self._installing: dict[str, set[str]] = {}
 
     # --- exclusive access ----------------------------------------------------------------------
 
@@ -187,6 +202,43 @@ class Registry:
             self.config.root / "metadata", self._anchor(), self._mirrors(), self.clock
         )
 
+    def adopt_trust_root(self, root_bytes: bytes) -> TrustChange:
+        """Trust ``root_bytes`` (a fleet's root, at enrollment) instead of the current anchor.
+
+        Metadata verified under the old root is forgotten. Installed models are kept only if
+        metadata verified under the new root lists them with the same length and hash; when
+        the new repository cannot be reached, none can be checked and none is kept.
+        """
+        with self._state_lock:
+            old = self._anchor_path.read_bytes() if self._anchor_path.exists() else None
+            write_atomic(self._anchor_path, root_bytes)
+            shutil.rmtree(self.config.root / "metadata", ignore_errors=True)
+            try:
+                listed = {(t.path, t.length, t.sha256) for t in self.trust().refresh().values()}
+                reachable = True
+            except RegistryError:
+                listed, reachable = set(), False
+            before = self.state()
+            dropped = {
+                ref
+                for ref, t in before.models.items()
+                if (t.path, t.length, t.sha256) not in listed
+            }
+            after = before.removed(dropped)
+            after = replace(
+                after,
+                active=None if after.active in dropped else after.active,
+                previous=None if after.previous in dropped else after.previous,
+                pinned=after.pinned - dropped,
+            )
+            self.save(after)
+        return TrustChange(
+            old_root=old,
+            kept=sorted(set(before.models) - dropped),
+            dropped=sorted(dropped),
+            repository_reachable=reachable,
+        )
+
     def available(self) -> dict[str, ModelTarget]:
         """Every model the trusted repository offers, after a metadata refresh."""
         return {t.ref: t for t in self.trust().refresh().values()}
@@ -213,6 +265,14 @@ class Registry:
     def save(self, state: RegistryState) -> None:
         self.state_file.save(state)
 
+    def update(self, change: Callable[[RegistryState], RegistryState]) -> RegistryState:
+        """Read, change and write ``state.json`` as one step: installs (which run without the
+        activation lock) and activations never overwrite each other's change."""
+        with self._state_lock:
+            state = change(self.state())
+            self.save(state)
+            return state
+
     # --- installing ----------------------------------------------------------------------------
 
     def install(
@@ -235,21 +295,80 @@ class Registry:
             candidates.sort(key=lambda p: version_key(p.split("/")[2]))
         path = candidates[-1]
         target = offered.get(path) or trust.target(path)  # the latter raises the precise error
-        self._fetch(target, progress)
-        self._crash_point("install.before_commit")
-        self.save(self.state().installed(target))
+        return self._install(target, progress, None, None)
+
+    def install_target(
+        self,
+        path: str,
+        *,
+        length: int,
+        sha256: str,
+        progress: Progress = _no_progress,
+        cancel: threading.Event | None = None,
+        details: dict[str, Any] | None = None,
+    ) -> ModelTarget:
+        """Install exactly the target a desired state names: ``path`` with this length and
+        sha256, and only if freshly verified TUF metadata lists it so.
+
+        A target already installed whose blobs are present is not fetched again. A download
+        resumes from its partial file and can be cancelled (``cancel``), which keeps the
+        partial file for the next attempt. Nothing here takes the activation lock: a
+        rollback never waits behind a download.
+        """
+        trust = self.trust()
+        offered = trust.refresh()
+        if path not in trust.paths():
+            raise TargetMismatch(f"the trusted repository does not list {path}")
+        target = offered.get(path) or trust.target(path)  # the latter raises the precise error
+        if (target.length, target.sha256) != (length, sha256):
+            raise TargetMismatch(
+                f"{path}: signed metadata says {target.length} bytes, sha256 "
+                f"{target.sha256[:16]}…; the desired state says {length} bytes, sha256 "
+                f"{sha256[:16]}…"
+            )
+        return self._install(target, progress, cancel, details)
+
+    def _install(
+        self,
+        target: ModelTarget,
+        progress: Progress,
+        cancel: threading.Event | None,
+        details: dict[str, Any] | None,
+    ) -> ModelTarget:
+        with self._downloading(target):
+            self._fetch(target, progress, cancel)
+            self._crash_point("install.before_commit")
+            if self.state().models.get(target.ref) != target:
+                self.update(lambda state: state.installed(target, details))
         return target
 
-    def _fetch(self, target: ModelTarget, progress: Progress) -> None:
+    @contextmanager
+    def _downloading(self, target: ModelTarget) -> Iterator[None]:
+        """Mark the target's blobs as in use while it installs, so a gc that runs meanwhile
+        (it does not wait for downloads) never removes a blob just committed."""
+        with self._state_lock:
+            self._installing[target.ref] = {target.sha256}
+        try:
+            yield
+        finally:
+            with self._state_lock:
+                self._installing.pop(target.ref, None)
+
+    def _fetch(
+        self, target: ModelTarget, progress: Progress, cancel: threading.Event | None = None
+    ) -> None:
         directory = target.path.rsplit("/", 1)[0]
         self._fetch_blob(
             f"{directory}/{target.sha256}.{target.path.rsplit('/', 1)[1]}",
             target.sha256,
             target.length,
             progress,
+            cancel,
         )
         if target.is_bundle:
             members = self._bundle_members(target)
+            with self._state_lock:
+                self._installing[target.ref] = {target.sha256, *(m.sha256 for m in members)}
             total = sum(m.length for m in members)
             done = 0
             for member in members:
@@ -259,11 +378,22 @@ class Registry:
                     progress(phase, base + d, total)
 
                 self._fetch_blob(
-                    f"{directory}/files/{member.sha256}", member.sha256, member.length, on_member
+                    f"{directory}/files/{member.sha256}",
+                    member.sha256,
+                    member.length,
+                    on_member,
+                    cancel,
                 )
                 done += member.length
 
-    def _fetch_blob(self, relative: str, sha256: str, length: int, progress: Progress) -> None:
+    def _fetch_blob(
+        self,
+        relative: str,
+        sha256: str,
+        length: int,
+        progress: Progress,
+        cancel: threading.Event | None = None,
+    ) -> None:
         if self.blobs.has(sha256, length):
             return
         self.blobs.ensure_space(length)
@@ -286,6 +416,7 @@ class Registry:
             partial,
             length,
             progress=on_bytes,
+            cancel=cancel,
         )
         self._crash_point("download.complete")
         try:
@@ -460,18 +591,23 @@ class Registry:
 
     def pin(self, ref: str, pinned: bool = True) -> ModelTarget:
         target = self.find(ref)
-        state = self.state()
-        pins = state.pinned | {target.ref} if pinned else state.pinned - {target.ref}
-        self.save(replace(state, pinned=frozenset(pins)))
+
+        def change(state: RegistryState) -> RegistryState:
+            pins = state.pinned | {target.ref} if pinned else state.pinned - {target.ref}
+            return replace(state, pinned=frozenset(pins))
+
+        self.update(change)
         return target
 
     def gc(self) -> tuple[list[str], int]:
         """Remove models other than the active, previous and pinned ones; free their blobs."""
-        before = self.state()
-        keep = before.keep()
-        removed = {ref for ref in before.models if ref not in keep}
-        state = before.removed(removed)
-        self.save(state)  # forget first: a crash here leaves unreferenced blobs, never the reverse
+        with self._state_lock:
+            before = self.state()
+            keep = before.keep()
+            removed = {ref for ref in before.models if ref not in keep}
+            state = before.removed(removed)
+            # Forget first: a crash here leaves unreferenced blobs, never the reverse.
+            self.save(state)
         if self.standalone and removed:  # the local repository stops offering them too
             writer = self._local_writer()
             for ref in removed:
@@ -488,6 +624,10 @@ class Registry:
             if target.is_bundle:
                 bundles.add(target.sha256)
                 referenced.update(m.sha256 for m in self._bundle_members(target))
+        with self._state_lock:
+            for digests in self._installing.values():
+                referenced |= digests
+                bundles |= digests
         freed = 0
         for digest in self.blobs.blob_digests() - referenced:
             freed += self.blobs.size_of(digest)

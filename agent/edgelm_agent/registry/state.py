@@ -4,6 +4,16 @@
 or active, only once the file says so, and the file is replaced in one ``os.replace``. So a
 ``kill -9`` at any moment leaves either the state before or the state after, and the blobs it
 names are complete, because blobs are committed before the state that refers to them.
+
+The history is the registry's event log: every install, activation, failed activation,
+rollback and removal is an entry written in the same ``os.replace`` as the change it records,
+numbered by a sequence that only grows (``seq``). Fleet sync reports the entries after a
+cursor it keeps in the agent's database, moving each into the outbox in the transaction that
+advances the cursor, so every event is reported exactly once, however the agent is stopped.
+(Why not move the registry's state into ``agent.db``: ``state.json`` is read by the registry
+at every start, by the models CLI on a stopped agent, and before the database exists; one file
+replaced atomically stays the simplest commit point, and the sequence and cursor give the
+exactly-once report the outbox needs.)
 """
 
 from __future__ import annotations
@@ -26,12 +36,21 @@ class HistoryEntry:
     event: str  # installed, activated, activation_failed, rolled_back, removed
     model: str
     reason: str | None = None
+    #: Position in the registry's event log; 0 for entries older than the numbering.
+    seq: int = 0
+    #: Why and how: the desired state and rollout that asked for it, health-check figures.
+    details: dict[str, Any] | None = None
 
     @classmethod
-    def now(cls, event: str, model: str, reason: str | None = None) -> HistoryEntry:
-        return cls(
-            datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"), event, model, reason
-        )
+    def now(
+        cls,
+        event: str,
+        model: str,
+        reason: str | None = None,
+        details: dict[str, Any] | None = None,
+    ) -> HistoryEntry:
+        at = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+        return cls(at, event, model, reason, details=details)
 
 
 @dataclass(frozen=True)
@@ -41,27 +60,41 @@ class RegistryState:
     previous: str | None = None
     pinned: frozenset[str] = frozenset()
     history: tuple[HistoryEntry, ...] = ()
+    #: The sequence number the next history entry gets.
+    next_seq: int = 1
 
     def with_event(self, entry: HistoryEntry, **changes: Any) -> RegistryState:
-        history = (*self.history, entry)[-HISTORY_LIMIT:]
-        return replace(self, history=history, **changes)
+        numbered = replace(entry, seq=self.next_seq)
+        history = (*self.history, numbered)[-HISTORY_LIMIT:]
+        return replace(self, history=history, next_seq=self.next_seq + 1, **changes)
 
-    def installed(self, target: ModelTarget) -> RegistryState:
+    def events_after(self, seq: int) -> list[HistoryEntry]:
+        """History entries numbered after ``seq``, oldest first (what is left to report)."""
+        return [h for h in self.history if h.seq > seq]
+
+    def installed(
+        self, target: ModelTarget, details: dict[str, Any] | None = None
+    ) -> RegistryState:
         models = {**self.models, target.ref: target}
-        return self.with_event(HistoryEntry.now("installed", target.ref), models=models)
+        entry = HistoryEntry.now("installed", target.ref, details=details)
+        return self.with_event(entry, models=models)
 
-    def activated(self, ref: str) -> RegistryState:
+    def activated(self, ref: str, details: dict[str, Any] | None = None) -> RegistryState:
         previous = self.active if self.active != ref else self.previous
-        return self.with_event(HistoryEntry.now("activated", ref), active=ref, previous=previous)
+        entry = HistoryEntry.now("activated", ref, details=details)
+        return self.with_event(entry, active=ref, previous=previous)
 
-    def activation_failed(self, ref: str, reason: str) -> RegistryState:
-        return self.with_event(HistoryEntry.now("activation_failed", ref, reason))
+    def activation_failed(
+        self, ref: str, reason: str, details: dict[str, Any] | None = None
+    ) -> RegistryState:
+        return self.with_event(HistoryEntry.now("activation_failed", ref, reason, details))
 
-    def rolled_back(self, ref: str, reason: str) -> RegistryState:
+    def rolled_back(
+        self, ref: str, reason: str, details: dict[str, Any] | None = None
+    ) -> RegistryState:
         previous = self.active if self.active != ref else self.previous
-        return self.with_event(
-            HistoryEntry.now("rolled_back", ref, reason), active=ref, previous=previous
-        )
+        entry = HistoryEntry.now("rolled_back", ref, reason, details)
+        return self.with_event(entry, active=ref, previous=previous)
 
     def removed(self, refs: set[str]) -> RegistryState:
         models = {k: v for k, v in self.models.items() if k not in refs}
@@ -82,6 +115,7 @@ class RegistryState:
                 "previous": self.previous,
                 "pinned": sorted(self.pinned),
                 "history": [vars(h) for h in self.history],
+                "next_seq": self.next_seq,
             },
             indent=2,
         ).encode()
@@ -89,12 +123,15 @@ class RegistryState:
     @classmethod
     def from_json(cls, raw: bytes) -> RegistryState:
         data = json.loads(raw)
+        history = tuple(HistoryEntry(**h) for h in data.get("history", []))
+        known = max((h.seq for h in history), default=0)
         return cls(
             models={ref: model_target_from_dict(t) for ref, t in data.get("models", {}).items()},
             active=data.get("active"),
             previous=data.get("previous"),
             pinned=frozenset(data.get("pinned", [])),
-            history=tuple(HistoryEntry(**h) for h in data.get("history", [])),
+            history=history,
+            next_seq=max(int(data.get("next_seq", 1)), known + 1),
         )
 
 

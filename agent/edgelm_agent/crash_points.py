@@ -1,0 +1,35 @@
+"""Named points where a test can make the agent kill itself, as ``kill -9`` would there.
+
+The kill -9 tests set ``EDGELM_TEST_CRASH_POINT`` (the ``test_crash_point`` setting) to one of
+the names the code passes to its ``crash_point`` callable (``activation.before_switch``,
+``download.complete``…); outside tests the callable does nothing.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections.abc import Callable
+
+import structlog
+
+log = structlog.get_logger(__name__)
+
+CrashPoint = Callable[[str], None]
+
+
+def no_crash(point: str) -> None:
+    pass
+
+
+def crash_point_from(name: str | None) -> CrashPoint:
+    """A callable that kills the process with SIGKILL when it reaches the point ``name``."""
+    if not name:
+        return no_crash
+
+    def crash(point: str) -> None:
+        if point == name:
+            log.warning("crash_point_reached", point=point)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return crash

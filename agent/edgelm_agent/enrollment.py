@@ -1,0 +1,199 @@
+"""A device's place in a fleet: the enrollment bundle an operator issued, installed on the device.
+
+``edgelm provision device ID`` writes the bundle on the operator's machine; ``edgelm agent
+enroll BUNDLE`` installs it here, under ``<state_dir>/fleet/``, with the agent stopped. From
+then on ``edgelm agent run --state-dir DIR`` is a fleet device: it syncs with the fleet's broker
+and installs models only from the fleet's TUF repository, with no further flags.
+
+Enrolling replaces the device's trust root, explicitly and with a log line
+(``trust_root_replaced``): a standalone device trusted the keys it made itself; a fleet device
+trusts the fleet's root and nothing else. So the models a standalone device installed are kept
+only if the fleet's signed metadata lists them, with the same length and hash; the others are
+forgotten (their files stay on disk until ``gc``, and a model the fleet sends later with the
+same hash is never fetched again). When the fleet's repository cannot be reached at enrollment,
+none can be checked, so none is kept: trust is never assumed.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import structlog
+from tuf.api.metadata import Metadata, Root
+
+from edgelm_agent.errors import ConfigError
+from edgelm_protocol.errors import InvalidId, InvalidKey
+from edgelm_protocol.ids import check_device_id, check_fleet_id
+from edgelm_protocol.repository.atomic_file import write_atomic
+from edgelm_protocol.signing import DirectorKeys
+
+log = structlog.get_logger(__name__)
+
+BUNDLE_FORMAT = "edgelm-enrollment/1"
+FLEET_DIR = "fleet"
+ENROLLMENT_FILE = "enrollment.json"
+ROOT_FILE = "root.json"
+_URL = re.compile(r"(https?|mqtts?)://[^\s/]+.*")
+
+
+class EnrollmentError(ConfigError):
+    """The bundle is not one this agent can install; nothing was changed."""
+
+    code = "enrollment_invalid"
+
+
+@dataclass(frozen=True)
+class Enrollment:
+    """What a fleet device knows about its fleet, from its bundle."""
+
+    fleet: str
+    device_id: str
+    hardware_class: str
+    broker_url: str
+    control_url: str
+    repository_url: str
+    director_keys: tuple[str, ...]
+    labels: dict[str, str] = field(default_factory=dict)
+    broker_username: str | None = None
+    broker_password: str | None = field(default=None, repr=False)
+    issued_at: int = 0
+
+    @classmethod
+    def from_bundle(cls, data: Any) -> Enrollment:
+        """Check a bundle's fields; every fault names the field."""
+        if not isinstance(data, dict):
+            raise EnrollmentError("an enrollment bundle is a JSON object")
+        if data.get("format") != BUNDLE_FORMAT:
+            raise EnrollmentError(
+                f"bundle format must be {BUNDLE_FORMAT!r}, got {data.get('format')!r}"
+            )
+        try:
+            fleet = check_fleet_id(data.get("fleet"))
+            device_id = check_device_id(data.get("device_id"))
+        except InvalidId as exc:
+            raise EnrollmentError(f"bundle: {exc}") from exc
+        broker = data.get("broker")
+        if not isinstance(broker, dict):
+            raise EnrollmentError("bundle: 'broker' must be an object with 'url'")
+        labels = data.get("labels") or {}
+        if not isinstance(labels, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in labels.items()
+        ):
+            raise EnrollmentError("bundle: 'labels' must map strings to strings")
+        keys = data.get("director_keys")
+        if not isinstance(keys, list) or not keys or not all(isinstance(k, str) for k in keys):
+            raise EnrollmentError("bundle: 'director_keys' must be a list of PEM public keys")
+        try:
+            DirectorKeys.from_pem([k.encode() for k in keys])
+        except (InvalidKey, ValueError) as exc:
+            raise EnrollmentError(f"bundle: a director key is not usable: {exc}") from exc
+        return cls(
+            fleet=fleet,
+            device_id=device_id,
+            hardware_class=_text(data, "hardware_class"),
+            broker_url=_url(broker, "url", "broker.url"),
+            control_url=_url(data, "control_url", "control_url"),
+            repository_url=_url(data, "repository_url", "repository_url"),
+            director_keys=tuple(keys),
+            labels=dict(labels),
+            broker_username=_optional_text(broker, "username", "broker.username"),
+            broker_password=_optional_text(broker, "password", "broker.password"),
+            issued_at=int(data.get("issued_at") or 0),
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": BUNDLE_FORMAT,
+            "fleet": self.fleet,
+            "device_id": self.device_id,
+            "hardware_class": self.hardware_class,
+            "labels": self.labels,
+            "broker": {
+                "url": self.broker_url,
+                "username": self.broker_username,
+                "password": self.broker_password,
+            },
+            "control_url": self.control_url,
+            "repository_url": self.repository_url,
+            "director_keys": list(self.director_keys),
+            "issued_at": self.issued_at,
+        }
+
+    def director(self) -> DirectorKeys:
+        return DirectorKeys.from_pem([k.encode() for k in self.director_keys])
+
+
+def _text(data: dict[str, Any], key: str) -> str:
+    value = data.get(key)
+    if not isinstance(value, str) or not value or len(value) > 64:
+        raise EnrollmentError(f"bundle: {key!r} must be a string of 1-64 characters")
+    return value
+
+
+def _optional_text(data: dict[str, Any], key: str, shown: str) -> str | None:
+    value = data.get(key)
+    if value is not None and not isinstance(value, str):
+        raise EnrollmentError(f"bundle: {shown!r} must be a string")
+    return value
+
+
+def _url(data: dict[str, Any], key: str, shown: str) -> str:
+    value = data.get(key)
+    if not isinstance(value, str) or not _URL.fullmatch(value):
+        raise EnrollmentError(f"bundle: {shown!r} must be a URL, got {value!r}")
+    return value.rstrip("/")
+
+
+def fleet_dir(state_dir: Path) -> Path:
+    return state_dir / FLEET_DIR
+
+
+def load_enrollment(state_dir: Path) -> Enrollment | None:
+    """The enrollment installed in ``state_dir``, or ``None`` for a standalone device."""
+    path = fleet_dir(state_dir) / ENROLLMENT_FILE
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror}") from exc
+    try:
+        return Enrollment.from_bundle(json.loads(raw))
+    except (ValueError, EnrollmentError) as exc:
+        raise ConfigError(f"{path} is not a valid enrollment: {exc}") from exc
+
+
+def read_bundle(path: Path) -> tuple[Enrollment, bytes]:
+    """The bundle's enrollment and the fleet's root metadata, checked, changing nothing."""
+    try:
+        data = json.loads(path.read_bytes())
+    except OSError as exc:
+        raise EnrollmentError(f"cannot read {path}: {exc.strerror}") from exc
+    except ValueError as exc:
+        raise EnrollmentError(f"{path} is not JSON: {exc}") from exc
+    enrollment = Enrollment.from_bundle(data)
+    root = data.get("root") if isinstance(data, dict) else None
+    if not isinstance(root, dict):
+        raise EnrollmentError("bundle: 'root' must be the fleet's root metadata (a JSON object)")
+    root_bytes = json.dumps(root, indent=1, sort_keys=True).encode()
+    try:
+        metadata = Metadata[Root].from_bytes(root_bytes)
+        metadata.verify_delegate(Root.type, metadata)  # signed by its own keys
+    except Exception as exc:  # python-tuf raises several unrelated types for bad metadata
+        raise EnrollmentError(f"bundle: 'root' is not valid TUF root metadata: {exc}") from exc
+    return enrollment, root_bytes
+
+
+def write_enrollment(state_dir: Path, enrollment: Enrollment, root_bytes: bytes) -> Path:
+    """Write the enrollment (0600: it holds the broker password) and the fleet's root."""
+    folder = fleet_dir(state_dir)
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    write_atomic(folder / ROOT_FILE, root_bytes, mode=0o640)
+    write_atomic(
+        folder / ENROLLMENT_FILE, json.dumps(enrollment.to_json(), indent=2).encode(), mode=0o600
+    )
+    return folder
