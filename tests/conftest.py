@@ -12,6 +12,9 @@ from hypothesis import settings
 
 from tests.agent_process import TINY_GGUF, TINY_ONNX, AgentProcess
 
+# A real Mosquitto per test, on a free port (tests/mosquitto.py): every suite that needs a broker.
+pytest_plugins = ("tests.mosquitto",)
+
 # Hypothesis fails an example that takes over 200 ms by default. Examples here commit to SQLite
 # with fsync, and CI machines stall; a slow example is not a wrong one.
 settings.register_profile("edgelm", deadline=None)

@@ -44,7 +44,7 @@ from edgelm_agent.config import AgentConfig, HttpListen
 from edgelm_agent.crash_points import crash_point_from
 from edgelm_agent.errors import ConfigError, ModelLoadError
 from edgelm_agent.jobs.database import Database
-from edgelm_agent.jobs.outbox import OutboxLimits
+from edgelm_agent.jobs.outbox import Outbox, OutboxLimits
 from edgelm_agent.jobs.worker import JobWorker
 from edgelm_agent.listeners import (
     bind_tcp_socket,
@@ -59,9 +59,10 @@ from edgelm_agent.metrics import AgentMetrics
 from edgelm_agent.model_manager import ModelManager
 from edgelm_agent.registry.errors import ActivationFailed, RegistryError
 from edgelm_agent.registry.factory import registry_for
-from edgelm_agent.services import Supervisor
+from edgelm_agent.services import Service, Supervisor
 from edgelm_agent.serving import ModelHost
 from edgelm_agent.state_dir import prepare_state_dir
+from edgelm_agent.sync.service import SyncService
 
 log = structlog.get_logger(__name__)
 
@@ -124,7 +125,25 @@ class Daemon:
             retention_count=config.jobs_retention_count,
             describe_error=error_fields,
         )
-        services = Supervisor([worker], observer=self.metrics)
+        outbox = Outbox(
+            db, OutboxLimits(config.outbox_telemetry_max, config.outbox_durable_max_bytes)
+        )
+        long_running: list[Service] = [worker]
+        sync = None
+        if config.enrollment is not None:  # a fleet device; standalone devices do not sync
+            sync = SyncService(
+                config,
+                config.enrollment,
+                db=db,
+                outbox=outbox,
+                registry=self.registry,
+                models=self.models,
+                host=self.host,
+                worker=worker,
+                metrics=self.metrics,
+            )
+            long_running.append(sync)
+        services = Supervisor(long_running, observer=self.metrics)
         ctx = ApiContext(
             self.host,
             self.metrics,
@@ -133,13 +152,10 @@ class Daemon:
             self.models,
             services=services,
             body_timeout_s=config.http_body_timeout_s,
+            outbox=outbox,
+            sync=sync,
         )
-        jobs = JobsContext(
-            db,
-            worker,
-            OutboxLimits(config.outbox_telemetry_max, config.outbox_durable_max_bytes),
-            self.models,
-        )
+        jobs = JobsContext(db, worker, outbox.limits, self.models)
         runner = web.AppRunner(
             create_app(ctx, jobs),
             handler_cancellation=True,  # a client that disconnects cancels its handler

@@ -6,6 +6,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 
 from edgelm_agent.inference.scheduler import SchedulerHooks
 from edgelm_agent.inference.types import Finished
+from edgelm_agent.sync.telemetry import TelemetryWindow
 
 # Buckets sized for small models on edge CPUs: TTFT from ~5 ms to tens of seconds on a Pi.
 TTFT_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
@@ -60,6 +61,22 @@ class AgentMetrics:
             registry=r,
         )
 
+        #: What the fleet's telemetry batches are made of (see edgelm_agent.sync.telemetry).
+        self.window = TelemetryWindow()
+        self.sync_connected = Gauge(
+            "edgelm_sync_connected", "1 while connected to the fleet's broker", registry=r
+        )
+        self.desired_sequence = Gauge(
+            "edgelm_desired_sequence",
+            "Sequence of the last desired state this device applied",
+            registry=r,
+        )
+        self.outbox_messages = Gauge(
+            "edgelm_outbox_messages",
+            "Messages waiting in the outbox for the control plane, by kind",
+            ["kind"],
+            registry=r,
+        )
         self.services_up = Gauge(
             "edgelm_service_up",
             "1 while a long-running service (jobs, sync) runs, 0 while it waits to restart",
@@ -84,17 +101,28 @@ class AgentMetrics:
         tokens = self.tokens_generated.labels(model_id)
         speed = self.tokens_per_second.labels(model_id)
 
+        window = self.window
+
         def on_finished(finished: Finished) -> None:
             tokens.inc(finished.completion_tokens)
             if finished.tokens_per_s is not None:
                 speed.observe(finished.tokens_per_s)
+            window.finished(finished)
+
+        def on_queue_depth(depth: int) -> None:
+            self.queue_depth.set(depth)
+            window.queue_depth(depth)
+
+        def on_failed(exc: BaseException) -> None:
+            errors.inc()
+            window.failed()
 
         errors = self.generation_errors.labels(model_id)
         return SchedulerHooks(
-            on_queue_depth=self.queue_depth.set,
+            on_queue_depth=on_queue_depth,
             on_queue_wait=self.queue_wait.observe,
             on_finished=on_finished,
-            on_failed=lambda exc: errors.inc(),
+            on_failed=on_failed,
         )
 
     def exposition(self) -> bytes:

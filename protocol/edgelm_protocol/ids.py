@@ -70,6 +70,19 @@ def check_message_id(value: object) -> str:
     return _check("message_id", value, MESSAGE_ID_PATTERN, "32 lower-case hex characters")
 
 
+LOCAL_JOB_ID_PATTERN = re.compile(r"job-[0-9a-f]{24}")
+
+
+def check_job_id(value: object) -> str:
+    """Return ``value`` if it names a job in a result: the message id of a fleet job, or a
+    device's own job id (``job-`` and 24 hex characters) for a job a local app sent upstream."""
+    if isinstance(value, str) and LOCAL_JOB_ID_PATTERN.fullmatch(value):
+        return value
+    return _check(
+        "job_id", value, MESSAGE_ID_PATTERN, "a message id, or job- and 24 hex characters"
+    )
+
+
 def check_rollout_id(value: object) -> str:
     """Return ``value`` if it is a valid rollout id (the id alphabet: it is logged and queried)."""
     return _check("rollout_id", value, ID_PATTERN, _ID_RULE)

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import ClassVar, Self
 
-from edgelm_protocol.ids import check_message_id
+from edgelm_protocol.ids import check_job_id
 from edgelm_protocol.schema import ObjectReader
 from edgelm_protocol.strict_json import JSONObject
 from edgelm_protocol.topics import MessageType
@@ -59,7 +59,8 @@ class JobError:
 
 @dataclass(frozen=True)
 class JobResult:
-    """How a remote job ended. ``job_id`` is the message id of the ``job`` envelope."""
+    """How a job ended. ``job_id`` is the message id of the ``job`` envelope for a fleet job,
+    or the device's own job id for a job a local app submitted with ``report: upstream``."""
 
     TYPE: ClassVar[MessageType] = MessageType.JOB_RESULT
 
@@ -73,7 +74,7 @@ class JobResult:
     def from_json(cls, value: object, path: str = "body") -> Self:
         reader = ObjectReader(value, path, ("job_id", "state", "metadata", "result", "error"))
         return cls(
-            job_id=reader.identifier("job_id", check_message_id),
+            job_id=reader.identifier("job_id", check_job_id),
             state=reader.choice("state", JobOutcome),
             metadata=reader.optional_json_object("metadata"),
             result=reader.optional_json_object("result"),

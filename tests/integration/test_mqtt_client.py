@@ -37,7 +37,6 @@ from edgelm_protocol.mqtt import (
 if TYPE_CHECKING:
     from tests.mosquitto import Mosquitto
 
-pytest_plugins = ("tests.mosquitto",)
 
 DEADLINE_S = 60.0  # a safety net for slow CI machines, never a measurement
 PRESENCE = "edgelm/v1/acme/dev/kiosk-17/presence"

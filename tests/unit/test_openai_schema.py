@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from edgelm_agent.generation.openai_schema import decode_json_object, parse_chat, parse_completion
 from edgelm_agent.errors import InvalidRequest
+from edgelm_agent.generation.openai_schema import decode_json_object, parse_chat, parse_completion
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
 

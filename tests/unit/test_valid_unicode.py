@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from edgelm_agent.generation.openai_schema import decode_json_object, parse_completion
 from edgelm_agent.errors import InvalidRequest
+from edgelm_agent.generation.openai_schema import decode_json_object, parse_completion
 from edgelm_agent.valid_unicode import first_invalid_text, is_valid_text
 
 JSON_VALUES = st.recursive(

@@ -11,7 +11,7 @@ from typing import Any
 import structlog
 from aiohttp import web
 
-from edgelm_agent.api import health, jobs_routes, openai_routes, registry_routes
+from edgelm_agent.api import health, jobs_routes, openai_routes, registry_routes, sync_routes
 from edgelm_agent.api.context import (
     API_CONTEXT,
     LOG_FACTS,
@@ -137,4 +137,5 @@ def create_app(ctx: ApiContext, jobs: jobs_routes.JobsContext | None = None) -> 
     openai_routes.add_routes(app)
     registry_routes.add_routes(app)
     jobs_routes.add_routes(app)
+    sync_routes.add_routes(app)
     return app

@@ -4,15 +4,20 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from aiohttp import web
 
 from edgelm_agent.api.access import HttpAccessPolicy
+from edgelm_agent.jobs.outbox import Outbox
 from edgelm_agent.metrics import AgentMetrics
 from edgelm_agent.model_manager import ModelManager
 from edgelm_agent.services import Supervisor
 from edgelm_agent.serving import ModelHost
+
+
+class SyncStatus(Protocol):
+    def status(self) -> dict[str, Any]: ...
 
 
 @dataclass(frozen=True)
@@ -28,6 +33,10 @@ class ApiContext:
     services: Supervisor | None = None
     #: A request body must arrive within this many seconds of its headers.
     body_timeout_s: float = 30.0
+    #: Messages waiting for the control plane; ``None`` in tests that serve a bare model.
+    outbox: Outbox | None = None
+    #: Fleet sync, on an enrolled device; ``None`` on a standalone one.
+    sync: SyncStatus | None = None
     #: Handler tasks still running; the daemon gives them the grace period at shutdown.
     inflight: set[asyncio.Task[Any]] = field(default_factory=set)
 

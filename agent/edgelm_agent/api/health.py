@@ -42,15 +42,16 @@ async def readyz(request: web.Request) -> web.Response:
             body["failing_services"] = failing
         body["services"] = services
         return web.json_response(body, status=503)
-    return web.json_response(
-        {
-            "status": "ready",
-            "model": active.model_id,
-            "queue_depth": active.scheduler.queue_depth,
-            "busy": active.scheduler.busy,
-            "services": services,
-        }
-    )
+    ready: dict[str, object] = {
+        "status": "ready",
+        "model": active.model_id,
+        "queue_depth": active.scheduler.queue_depth,
+        "busy": active.scheduler.busy,
+        "services": services,
+    }
+    if ctx.sync is not None:  # offline is normal: it is said, it never makes a device unready
+        ready["sync"] = ctx.sync.status()["broker"]
+    return web.json_response(ready)
 
 
 async def metrics(request: web.Request) -> web.Response:

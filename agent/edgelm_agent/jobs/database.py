@@ -187,6 +187,12 @@ def _migration_outbox_messages(db: sqlite_utils.Database) -> None:
     db.execute("CREATE INDEX idx_outbox_kind_seq ON outbox (kind, seq)")
 
 
+def _migration_sync_state(db: sqlite_utils.Database) -> None:
+    # Fleet sync's own small facts, in the same database as the outbox so that moving the
+    # registry's events into the outbox and advancing the cursor is one transaction.
+    db.execute("CREATE TABLE sync_state (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+
+
 MIGRATIONS: tuple[tuple[str, Callable[[sqlite_utils.Database], None]], ...] = (
     ("0001_jobs", _migration_jobs),
     ("0002_outbox", _migration_outbox),
@@ -195,6 +201,7 @@ MIGRATIONS: tuple[tuple[str, Callable[[sqlite_utils.Database], None]], ...] = (
     ("0005_idempotency_fingerprint", _migration_idempotency_fingerprint),
     ("0006_job_model", _migration_job_model),
     ("0007_outbox_messages", _migration_outbox_messages),
+    ("0008_sync_state", _migration_sync_state),
 )
 
 

@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from edgelm_agent.errors import InvalidRequest, RequestError
+from edgelm_agent.errors import EdgelmError, InvalidRequest, RequestError
 from edgelm_agent.jobs import outbox
 from edgelm_agent.jobs.lifecycle import (
     FINAL,
@@ -385,6 +385,23 @@ def reported_job_id(job_id: str, idempotency_key: str | None) -> str:
     if idempotency_key is not None and idempotency_key.startswith(FLEET_KEY_PREFIX):
         return idempotency_key.removeprefix(FLEET_KEY_PREFIX)
     return job_id
+
+
+def refused_remote_job(message_id: str, metadata: Any, exc: EdgelmError) -> Any:
+    """A fleet job that cannot even be queued (its request is wrong, the outbox is full)
+    still tells the control plane how it ended: failed, with the reason."""
+
+    def op(conn: sqlite3.Connection) -> None:
+        body = {
+            "job_id": message_id,
+            "state": "failed",
+            "metadata": metadata,
+            "result": None,
+            "error": {"code": exc.code or "refused", "message": str(exc)},
+        }
+        outbox.append(conn, MessageKind.RESULT, body)
+
+    return op
 
 
 def _metadata_or_none(raw: str | None) -> Any:

@@ -74,9 +74,19 @@ class MirrorFetcher(FetcherInterface):
             "GET", _join(mirror, relative), preload_content=False, timeout=self._timeout
         )
         if response.status != 200:
-            response.release_conn()
+            _discard(response)
             raise tuf_exceptions.DownloadHTTPError(f"HTTP {response.status}", response.status)
         return _as_download_errors(_stream(response))
+
+
+def _discard(response: urllib3.BaseHTTPResponse) -> None:
+    """Read what is left of an answer we do not want before the connection goes back to the
+    pool: released unread (an empty chunked 404, say), its remains would be parsed as the
+    next request's answer on that connection."""
+    try:
+        response.drain_conn()
+    finally:
+        response.release_conn()
 
 
 def _as_download_errors(chunks: Iterator[bytes]) -> Iterator[bytes]:
@@ -157,7 +167,7 @@ def _http_range(
         return _stream(response), have
     if response.status == 200:
         return _stream(response), 0  # the server ignored Range: the whole file comes again
-    response.release_conn()
+    _discard(response)
     raise DownloadError(f"HTTP {response.status}")
 
 

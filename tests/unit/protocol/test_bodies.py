@@ -264,9 +264,12 @@ class TestJobResult:
         error = refused(JobResult, result_json(error={"code": "x"}))
         assert error.field == "body.error.message"
 
-    def test_job_id_is_a_message_id(self) -> None:
-        """job_id must be the remote job's 32-hex envelope id."""
+    def test_job_id_is_a_message_id_or_a_device_job_id(self) -> None:
+        """job_id is a fleet job's 32-hex envelope id, or a device's own job id."""
         assert refused(JobResult, result_json(job_id="job-1")).field == "body.job_id"
+        assert refused(JobResult, result_json(job_id="x" * 32)).field == "body.job_id"
+        local = "job-" + "ab" * 12
+        assert JobResult.from_json(result_json(job_id=local)).job_id == local
 
     def test_unknown_state_is_refused(self) -> None:
         """Only final states are results; running is not one."""

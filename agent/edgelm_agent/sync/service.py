@@ -1,0 +1,537 @@
+"""Fleet sync, the I/O shell around :class:`~edgelm_agent.sync.session.SyncSession`.
+
+A supervised service (``name = "sync"``) of an enrolled agent. It owns the MQTT client and
+runs five loops under one task group:
+
+* **inbound**: every message the broker delivers goes through the session; its actions are
+  carried out here (acknowledgements, outbox deletions, desired states, remote jobs);
+* **drain**: the outbox, in priority order, published while connected; a durable message is
+  deleted when the control plane acknowledges it, telemetry on PUBACK;
+* **registry events**: the registry's numbered history moved into the outbox after a cursor;
+* **telemetry**: a batch every ``telemetry_interval_s``;
+* **desired**: the newest verified desired state applied (install, then activate with the
+  health check), a newer one cancelling the one in progress.
+
+Offline is the normal case: nothing in serving, jobs or the registry waits for this service,
+and while the broker is unreachable the outbox simply fills (within its caps).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+
+from edgelm_agent import __version__
+from edgelm_agent.config import AgentConfig
+from edgelm_agent.enrollment import Enrollment
+from edgelm_agent.errors import EdgelmError
+from edgelm_agent.jobs import store
+from edgelm_agent.jobs.database import Database
+from edgelm_agent.jobs.outbox import MessageKind, Outbox
+from edgelm_agent.jobs.submission import parse_job
+from edgelm_agent.jobs.worker import JobWorker
+from edgelm_agent.metrics import AgentMetrics
+from edgelm_agent.model_manager import ModelManager
+from edgelm_agent.registry.errors import InstallCancelled, RegistryError
+from edgelm_agent.registry.model_target import ModelTarget
+from edgelm_agent.registry.registry import Registry
+from edgelm_agent.registry.state import RegistryState
+from edgelm_agent.serving import ModelHost
+from edgelm_agent.sync import registry_events
+from edgelm_agent.sync.session import (
+    AckInbound,
+    Action,
+    ApplyDesired,
+    DeleteOutbox,
+    Dropped,
+    EnqueueJob,
+    Publish,
+    PublishState,
+    Refresh,
+    ReportEvent,
+    Subscribe,
+    SyncSession,
+)
+from edgelm_agent.sync.telemetry import SystemStats, telemetry_body
+from edgelm_protocol import EventKind, PresenceStatus, ReportedState, new_envelope
+from edgelm_protocol import encode as encode_envelope
+from edgelm_protocol.bodies import ModelRef
+from edgelm_protocol.desired import DesiredState
+from edgelm_protocol.mqtt import (
+    ConnectionInfo,
+    MqttClient,
+    MqttRefused,
+    MqttSettings,
+    MqttTransportError,
+    MqttWill,
+)
+from edgelm_protocol.topics import Channel
+
+log = structlog.get_logger(__name__)
+
+DRAIN_BATCH = 100
+POLL_S = 1.0  # how often the drain and event loops look when nothing woke them
+PROGRESS_EVERY_S = 5.0  # download progress events, at most this often
+MAX_INSTALLED_REPORTED = 64
+
+
+def mqtt_settings(config: AgentConfig, enrollment: Enrollment) -> MqttSettings:
+    """The device's MQTT session: its own client id, persistent for days, a will."""
+    scheme, _, rest = enrollment.broker_url.partition("://")
+    host, _, port = rest.partition(":")
+    # TLS (mqtts) arrives with the fleet CA in the next step; until then loopback only.
+    return MqttSettings(
+        host=host,
+        port=int(port or (8883 if scheme == "mqtts" else 1883)),
+        client_id=enrollment.device_id,
+        username=enrollment.broker_username,
+        password=enrollment.broker_password,
+        session_expiry_s=config.mqtt_session_expiry_s,
+        will=None,  # set by the service: its payload is an envelope
+    )
+
+
+@dataclass
+class DesiredRun:
+    state: DesiredState
+    cancel: threading.Event = field(default_factory=threading.Event)
+    task: asyncio.Task[None] | None = None
+
+
+class SyncService:
+    name = "sync"
+
+    def __init__(
+        self,
+        config: AgentConfig,
+        enrollment: Enrollment,
+        *,
+        db: Database,
+        outbox: Outbox,
+        registry: Registry,
+        models: ModelManager,
+        host: ModelHost,
+        worker: JobWorker,
+        metrics: AgentMetrics,
+    ) -> None:
+        self.config = config
+        self.enrollment = enrollment
+        self.db = db
+        self.outbox = outbox
+        self.registry = registry
+        self.models = models
+        self.host = host
+        self.worker = worker
+        self.metrics = metrics
+        self.stats = SystemStats(config.state_dir)
+        self.session = SyncSession(
+            fleet=enrollment.fleet,
+            device=enrollment.device_id,
+            keys=enrollment.director(),
+            agent_version=__version__,
+            ack_timeout_s=config.sync_ack_timeout_s,
+        )
+        self._client: MqttClient | None = None
+        self._desired: DesiredRun | None = None
+        self._registry_changed = asyncio.Event()
+
+    # --- what the local API shows ---
+
+    def status(self) -> dict[str, Any]:
+        running = self._desired
+        return {
+            "fleet": self.enrollment.fleet,
+            "device": self.enrollment.device_id,
+            "broker": {"url": self.enrollment.broker_url, "connected": self.session.connected},
+            "desired": {
+                "applied_sequence": self.session.applied_sequence,
+                "in_progress": None
+                if running is None or running.task is None or running.task.done()
+                else {"sequence": running.state.sequence, "target": running.state.target.path},
+            },
+        }
+
+    # --- the service ---
+
+    async def run(self) -> None:
+        applied = await self.db.read(
+            lambda c: registry_events.get_value(c, registry_events.APPLIED)
+        )
+        self.session.applied_sequence = int(applied or 0)
+        self.metrics.desired_sequence.set(self.session.applied_sequence)
+        await self.db.run(registry_events.start_cursor(self.registry.state().next_seq))
+        settings = mqtt_settings(self.config, self.enrollment)
+        will = MqttWill(
+            topic=self.session.topic(Channel.PRESENCE),
+            payload=self.session.presence(PresenceStatus.OFFLINE, _now_ms()),
+            qos=1,
+            retain=True,
+        )
+        client = MqttClient(_with_will(settings, will), on_connect=self._on_connect)
+        self._client = client
+        await client.start()
+        try:
+            async with asyncio.TaskGroup() as group:
+                group.create_task(self._inbound(client))
+                group.create_task(self._drain(client))
+                group.create_task(self._registry_events())
+                group.create_task(self._telemetry())
+                group.create_task(self._watch_connection(client))
+        finally:
+            await self._stop_desired()
+            await self._goodbye(client)
+
+    async def _goodbye(self, client: MqttClient) -> None:
+        """A clean stop says ``offline`` itself (the will fires only on a lost connection)."""
+        with contextlib.suppress(Exception):
+            if client.connected:
+                await client.publish(
+                    self.session.topic(Channel.PRESENCE),
+                    self.session.presence(PresenceStatus.OFFLINE, _now_ms()),
+                    qos=1,
+                    retain=True,
+                    timeout_s=5,
+                )
+        with contextlib.suppress(Exception):
+            await client.stop()
+        self.session.on_disconnected()
+        self.metrics.sync_connected.set(0)
+
+    async def _on_connect(self, info: ConnectionInfo) -> None:
+        log.info("sync_connected", broker=self.enrollment.broker_url, session=info.session_present)
+        await self._do(self.session.on_connected(_now_ms()))
+        self.metrics.sync_connected.set(1)
+        self.outbox.wake()
+
+    async def _watch_connection(self, client: MqttClient) -> None:
+        while True:
+            await asyncio.sleep(POLL_S)
+            if self.session.connected and not client.connected:
+                self.session.on_disconnected()
+                self.metrics.sync_connected.set(0)
+                log.info("sync_disconnected", broker=self.enrollment.broker_url)
+
+    # --- the loops ---
+
+    async def _inbound(self, client: MqttClient) -> None:
+        async for message in client.messages():
+            actions = self.session.on_message(
+                message.topic, message.payload, message, int(time.time())
+            )
+            await self._do(actions)
+
+    async def _drain(self, client: MqttClient) -> None:
+        while True:
+            if client.connected and self.session.connected:
+                messages = await self.outbox.peek(DRAIN_BATCH)
+                await self._do(self.session.on_outbox(messages, time.time()))
+            counts = await self.outbox.counts()
+            for kind, count in counts.items():
+                self.metrics.outbox_messages.labels(str(kind)).set(count)
+            await self.outbox.wait_for_change(POLL_S)
+
+    async def _registry_events(self) -> None:
+        while True:
+            state = await asyncio.to_thread(self.registry.state)
+            moved = await self.db.run(
+                registry_events.transfer(state.events_after(0), self.outbox.limits)
+            )
+            if moved:
+                self.outbox.wake()
+                await self._publish_state()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._registry_changed.wait(), POLL_S * 2)
+            self._registry_changed.clear()
+
+    async def _telemetry(self) -> None:
+        window_source = self.metrics.window
+        while True:
+            await asyncio.sleep(self.config.telemetry_interval_s)
+            now = time.monotonic()
+            window = window_source.take(now)
+            active = self.registry.state().active
+            body = telemetry_body(
+                window,
+                now=now,
+                model=active,
+                queue_depth=self.host.active.scheduler.queue_depth if self.host.active else 0,
+                stats=self.stats,
+            )
+            await self.outbox.put(MessageKind.TELEMETRY, body)
+
+    # --- actions ---
+
+    async def _do(self, actions: list[Action]) -> None:
+        for action in actions:
+            await self._one(action)
+
+    async def _one(self, action: Action) -> None:
+        client = self._client
+        assert client is not None
+        if isinstance(action, Publish):
+            await self._publish(client, action)
+        elif isinstance(action, AckInbound):
+            client.ack(action.token)
+        elif isinstance(action, DeleteOutbox):
+            await self.outbox.ack(action.ids)
+        elif isinstance(action, Subscribe):
+            await client.subscribe(list(action.filters))
+        elif isinstance(action, PublishState):
+            await self._publish_state()
+        elif isinstance(action, ApplyDesired):
+            await self._start_desired(action.state)
+        elif isinstance(action, EnqueueJob):
+            await self._enqueue(client, action)
+        elif isinstance(action, ReportEvent):
+            await self._report(action)
+        elif isinstance(action, Refresh):
+            log.info("repository_announced", timestamp_version=action.timestamp_version)
+        elif isinstance(action, Dropped):
+            log.warning("sync_message_dropped", topic=action.topic, code=action.code,
+                        reason=action.reason[:500])  # fmt: skip
+
+    async def _publish(self, client: MqttClient, action: Publish) -> None:
+        try:
+            await client.publish(action.topic, action.payload, qos=1, retain=action.retain)
+        except MqttTransportError:
+            if action.message is not None:
+                self.session.on_publish_failed(action.message)
+            return
+        except MqttRefused as exc:
+            log.error("sync_publish_refused", topic=action.topic, error=str(exc))
+            if action.message is not None:
+                self.session.on_publish_failed(action.message)
+            return
+        if action.message is not None:
+            await self._do(self.session.on_published(action.message))
+
+    async def _publish_state(self) -> None:
+        client = self._client
+        if client is None or not client.connected:
+            return
+        state = await asyncio.to_thread(self.registry.state)
+        body = self._reported_state(state)
+        payload = encode_envelope(
+            new_envelope(body, sender=self.enrollment.device_id, ts_ms=_now_ms())
+        )
+        with contextlib.suppress(MqttTransportError, MqttRefused):
+            await client.publish(self.session.topic(Channel.STATE), payload, qos=1, retain=True)
+
+    def _reported_state(self, state: RegistryState) -> ReportedState:
+        def ref(key: str | None) -> ModelRef | None:
+            target = state.models.get(key) if key else None
+            return None if target is None else _model_ref(target)
+
+        active_model = self.host.active
+        accelerator = "none"
+        if active_model is not None and active_model.info.accelerator.gpu_offload:
+            accelerator = active_model.info.accelerator.execution_provider or "gpu"
+        installed = [_model_ref(t) for _, t in sorted(state.models.items())]
+        return ReportedState(
+            active=ref(state.active),
+            previous=ref(state.previous),
+            installed=tuple(installed[:MAX_INSTALLED_REPORTED]),
+            hardware_class=self.enrollment.hardware_class,
+            labels=dict(self.enrollment.labels),
+            ram_bytes=self.stats.memory_total_bytes() or 0,
+            accelerator=accelerator,
+            disk_free_bytes=self.stats.disk_free_bytes() or 0,
+            desired_sequence=self.session.applied_sequence,
+        )
+
+    async def _report(self, event: ReportEvent, **extra: Any) -> None:
+        body = {
+            "kind": event.kind.value,
+            "model": event.model,
+            "desired_sequence": event.desired_sequence,
+            "rollout": event.rollout,
+            "reason": None if event.reason is None else event.reason[:2000],
+            "health": None,
+            "progress": None,
+            **extra,
+        }
+        try:
+            await self.outbox.put(MessageKind.EVENT, body)
+        except EdgelmError as exc:  # the outbox is full: the event waits in the log only
+            log.error("sync_event_not_queued", kind=event.kind.value, error=str(exc))
+
+    async def _enqueue(self, client: MqttClient, action: EnqueueJob) -> None:
+        """A remote job enters the durable queue; the broker hears of it only once it is
+        committed, so a crash before that makes the broker deliver it again."""
+        job = action.job
+        submission = {
+            "request": job.request,
+            "priority": job.priority,
+            "metadata": job.metadata,
+            "max_attempts": job.max_attempts,
+            "idempotency_key": store.FLEET_KEY_PREFIX + action.message_id,
+            "report": "upstream",
+            "wait_for_model": job.wait_for_model,
+        }
+        if job.ttl_s is not None:
+            submission["ttl_s"] = job.ttl_s
+        try:
+            spec = parse_job(submission, time.time())
+        except EdgelmError as exc:  # the request itself is wrong: it ends now, reported
+            await self.db.run(store.refused_remote_job(action.message_id, job.metadata, exc))
+            client.ack(action.token)
+            self.outbox.wake()
+            log.info("remote_job_refused", job=action.message_id, error=exc.code)
+            return
+        try:
+            view, created = await self.db.run(store.submit(spec, self.outbox.limits))
+        except store.OutboxFullForJobs as exc:
+            await self.db.run(store.refused_remote_job(action.message_id, job.metadata, exc))
+            client.ack(action.token)
+            return
+        except EdgelmError as exc:  # the disk: leave it unacknowledged, it comes again
+            log.error("remote_job_not_stored", job=action.message_id, error=str(exc))
+            return
+        client.ack(action.token)
+        if created:
+            self.worker.wake()
+            log.info("remote_job_queued", job=action.message_id, local_id=view["id"])
+
+    # --- desired states ---
+
+    async def _start_desired(self, state: DesiredState) -> None:
+        await self._stop_desired()  # latest wins: cancel a download in progress
+        run = DesiredRun(state)
+        run.task = asyncio.get_running_loop().create_task(self._apply(run))
+        self._desired = run
+
+    async def _stop_desired(self) -> None:
+        run = self._desired
+        if run is None or run.task is None or run.task.done():
+            return
+        run.cancel.set()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await asyncio.wait_for(asyncio.shield(run.task), 60)
+
+    async def _apply(self, run: DesiredRun) -> None:
+        state = run.state
+        target = state.target
+        cause = {"desired_sequence": state.sequence, "rollout": state.rollout}
+        log.info("desired_state_applying", sequence=state.sequence, target=target.path)
+        await self._report(_event(EventKind.DESIRED_ACCEPTED, state))
+        try:
+            registry_state = await asyncio.to_thread(self.registry.state)
+            installed = _installed(registry_state, target.path, target.sha256)
+            if installed is not None and registry_state.active == installed.ref:
+                await self._already_active(installed, registry_state, state)
+                return
+            if installed is None:
+                installed = await self._install(run)
+                if installed is None:
+                    return
+            try:
+                await self.models.activate(installed.ref, details=cause)
+            except EdgelmError as exc:  # recorded in the history: reported from there
+                log.warning("desired_state_not_activated", model=installed.ref, error=str(exc))
+        finally:
+            await self._done(state.sequence)
+
+    async def _install(self, run: DesiredRun) -> ModelTarget | None:
+        state, target = run.state, run.state.target
+        await self._report(_event(EventKind.DOWNLOAD_STARTED, state))
+        progress = _Progress()
+        reporter = asyncio.get_running_loop().create_task(self._progress(progress, state))
+        try:
+            return await asyncio.to_thread(
+                self.registry.install_target,
+                target.path,
+                length=target.length,
+                sha256=target.sha256,
+                progress=progress.update,
+                cancel=run.cancel,
+                details={"desired_sequence": run.state.sequence, "rollout": run.state.rollout},
+            )
+        except InstallCancelled as exc:
+            await self._report(_event(EventKind.INSTALL_CANCELLED, state, reason=str(exc)))
+        except RegistryError as exc:
+            reason = f"{exc.code}: {exc}"
+            await self._report(_event(EventKind.INSTALL_FAILED, state, reason=reason))
+            log.warning("desired_state_install_failed", target=target.path, error=str(exc))
+        finally:
+            reporter.cancel()
+        return None
+
+    async def _progress(self, progress: _Progress, state: DesiredState) -> None:
+        sent = (-1, -1)
+        while True:
+            await asyncio.sleep(PROGRESS_EVERY_S)
+            now = (progress.done, progress.total)
+            if now != sent and progress.total > 0:
+                sent = now
+                await self._report(
+                    _event(EventKind.DOWNLOAD_PROGRESS, state),
+                    progress={"done_bytes": progress.done, "total_bytes": progress.total},
+                )
+
+    async def _already_active(
+        self, target: ModelTarget, registry_state: RegistryState, state: DesiredState
+    ) -> None:
+        """The target runs already: say so at once, with its last health-check figures."""
+        health = None
+        for entry in reversed(registry_state.history):
+            if entry.event == "activated" and entry.model == target.ref and entry.details:
+                health = entry.details.get("health")
+                break
+        await self._report(_event(EventKind.ACTIVATED, state, model=target.ref), health=health)
+
+    async def _done(self, sequence: int) -> None:
+        self.session.on_desired_done(sequence)
+        applied = self.session.applied_sequence
+        await self.db.run(
+            lambda c: registry_events.set_value(c, registry_events.APPLIED, str(applied))
+        )
+        self.metrics.desired_sequence.set(applied)
+        self._registry_changed.set()
+        await self._publish_state()
+
+
+@dataclass
+class _Progress:
+    done: int = 0
+    total: int = 0
+
+    def update(self, phase: str, done: int, total: int) -> None:
+        self.done, self.total = done, total
+
+
+def _event(
+    kind: EventKind, state: DesiredState, *, reason: str | None = None, model: str | None = None
+) -> ReportEvent:
+    return ReportEvent(
+        kind,
+        reason=reason,
+        desired_sequence=state.sequence,
+        rollout=state.rollout,
+        model=model,
+    )
+
+
+def _installed(state: RegistryState, path: str, sha256: str) -> ModelTarget | None:
+    for target in state.models.values():
+        if target.path == path and target.sha256 == sha256:
+            return target
+    return None
+
+
+def _model_ref(target: ModelTarget) -> ModelRef:
+    return ModelRef(name=target.name, version=target.version, sha256=target.sha256)
+
+
+def _with_will(settings: MqttSettings, will: MqttWill) -> MqttSettings:
+    return dataclasses.replace(settings, will=will)
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
