@@ -138,7 +138,10 @@ class RepositoryWriter:
         targets = Metadata[Targets].from_file(str(metadata_dir / f"{targets_version}.targets.json"))
         signers: dict[str, list[Signer]] = {role: [] for role in ROLES}
         for pem in sorted(keys_dir.glob("*.pem")):
-            signers[pem.name.rsplit("-", 1)[0]].append(load_key(pem))
+            # Only <role>-N.pem are TUF keys; a fleet's control/keys also holds director.pem.
+            role, sep, index = pem.stem.rpartition("-")
+            if sep and role in signers and index.isdigit():
+                signers[role].append(load_key(pem))
         return cls(
             root_dir,
             signers,
@@ -211,6 +214,22 @@ class RepositoryWriter:
         self._write_role(Snapshot.type)
         self._bump(Timestamp.type)
         self.md[Timestamp.type].signed.snapshot_meta = MetaFile(version=snapshot.version)
+        self._write_role(Timestamp.type)
+
+    def accept_targets(self, targets: Metadata[Targets]) -> None:
+        """Publish targets metadata signed elsewhere (by the operator's offline targets key),
+        as it is, then re-sign snapshot and timestamp with the online keys.
+
+        The caller has verified ``targets`` against root (keys, threshold, version): the
+        control plane never holds the targets key, so it can only pass on what was signed.
+        """
+        self.md[Targets.type] = targets
+        self.write_signed(Targets.type)
+        self.publish(roles=())
+
+    def refresh_timestamp(self) -> None:
+        """Re-sign the timestamp (a new version, a new expiry) over the same snapshot."""
+        self._bump(Timestamp.type)
         self._write_role(Timestamp.type)
 
     def _bump(self, role: str) -> None:

@@ -1,0 +1,243 @@
+"""``edgelm provision``: a fleet's keys, its devices' enrollment bundles, operator tokens.
+
+Everything here works offline, on the operator's machine, on the fleet directory. What leaves
+that machine: ``DIR/control/`` goes to the control-plane server as it is, and each bundle goes
+to its one device. What never does: ``DIR/keys/`` (the offline root and targets keys) and
+``DIR/operator-token``. Exit statuses are those of :mod:`edgelm_provisioning.operator_cli`.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import click
+from rich.table import Table
+
+from edgelm_cli.groups import SuggestingGroup
+from edgelm_protocol.repository.atomic_file import write_atomic
+from edgelm_provisioning.enrollment import HARDWARE_CLASSES, issue_device, labels_from_cli
+from edgelm_provisioning.fleet_dir import DEFAULT_BROKER_URL, DEFAULT_CONTROL_URL, FleetDir
+from edgelm_provisioning.fleet_init import Destination, FleetInitResult, init_fleet
+from edgelm_provisioning.operator_cli import emit, err_console, json_option, out_console, translated
+from edgelm_provisioning.tokens import OPERATOR, TokenFile
+
+_FLEET_DIR = click.option(
+    "--fleet-dir",
+    required=True,
+    type=click.Path(path_type=Path, file_okay=False),
+    help="The fleet directory made by `edgelm provision fleet-init`.",
+)
+_HEADINGS = {
+    Destination.STAYS: "stays on this machine (back the secrets up offline; never copy them "
+    "anywhere else):",
+    Destination.SERVER: "copy to the control-plane server, as it is (DIR/control/):",
+    Destination.DEVICES: "goes to devices, inside their enrollment bundles:",
+}
+
+
+@click.group(cls=SuggestingGroup)
+def provision() -> None:
+    """Fleet keys, device enrollment bundles and operator tokens (works offline)."""
+
+
+@provision.command("fleet-init")
+@click.argument("directory", metavar="DIR", type=click.Path(path_type=Path))
+@click.option("--fleet", metavar="NAME", help="The fleet's id. [default: DIR's name]")
+@click.option(
+    "--control-url",
+    default=DEFAULT_CONTROL_URL,
+    show_default=True,
+    help="How devices and operators reach the control plane.",
+)
+@click.option(
+    "--broker-url",
+    default=DEFAULT_BROKER_URL,
+    show_default=True,
+    help="The MQTT broker devices connect to.",
+)
+@json_option
+@translated
+def fleet_init_cmd(
+    directory: Path, fleet: str | None, control_url: str, broker_url: str, as_json: bool
+) -> None:
+    """Create a new fleet in DIR: keys, TUF repository, control-plane config, operator token.
+
+    DIR must not exist yet, or be empty: keys are never generated over an existing fleet.
+    """
+    result = init_fleet(
+        directory,
+        fleet=fleet,
+        control_url=control_url,
+        broker_url=broker_url,
+        now=int(time.time()),
+    )
+    emit(result.as_dict(), as_json=as_json, human=lambda: _show_fleet(result))
+
+
+def _show_fleet(result: FleetInitResult) -> None:
+    where = result.root
+    err_console.print(f"created fleet [bold]{result.config.fleet}[/] in {where}")
+    err_console.print(f"  control plane {result.config.control_url}")
+    err_console.print(f"  broker        {result.config.broker_url}")
+    for destination, heading in _HEADINGS.items():
+        err_console.print(f"\n[bold]{heading}[/]")
+        for f in result.files:
+            if f.destination is destination:
+                secret = "  [red](secret)[/]" if f.secret else ""
+                err_console.print(f"  {f.path:<30} {f.what}{secret}")
+        if destination is Destination.DEVICES:
+            err_console.print(
+                f"  {'ID.json bundles':<30} one per device (edgelm provision device), each to "
+                "that device only  [red](secret)[/]"
+            )
+    err_console.print(
+        "\n[bold]next[/]\n"
+        f"  edgelm provision device ID --fleet-dir {where} --class pi5 --out ID.json\n"
+        f"  edgelm control run --config {where}/control/control.toml   (on the server)\n"
+        f"  edgelm fleet devices list --fleet-dir {where}"
+    )
+
+
+@provision.command("device")
+@click.argument("device_id", metavar="ID")
+@_FLEET_DIR
+@click.option(
+    "--class",
+    "hardware_class",
+    type=click.Choice(HARDWARE_CLASSES),
+    help="The device's hardware class (required for a new device; kept on --reissue).",
+)
+@click.option(
+    "--label",
+    "labels",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="A label rollouts can select by (repeatable; replaces all labels on --reissue).",
+)
+@click.option(
+    "--out",
+    required=True,
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="Where to write the enrollment bundle (mode 0600).",
+)
+@click.option(
+    "--reissue",
+    is_flag=True,
+    help="Issue an id again: a new bundle with new broker credentials.",
+)
+@json_option
+@translated
+def device_cmd(
+    device_id: str,
+    fleet_dir: Path,
+    hardware_class: str | None,
+    labels: tuple[str, ...],
+    out: Path,
+    reissue: bool,
+    as_json: bool,
+) -> None:
+    """Issue device ID: write its enrollment bundle (with its broker credentials) to --out.
+
+    The bundle holds the device's broker password: give it to that device only. The
+    inventory record DIR/devices/ID.json holds no secret.
+    """
+    fleet = FleetDir.open(fleet_dir)
+    issued = issue_device(
+        fleet,
+        device_id,
+        hardware_class=hardware_class,
+        labels=labels_from_cli(labels) if labels else None,
+        out=out,
+        reissue=reissue,
+        now=int(time.time()),
+    )
+
+    def human() -> None:
+        record = issued.record
+        label_text = ", ".join(f"{k}={v}" for k, v in record.labels.items())
+        verb = "reissued" if issued.reissued else "issued"
+        err_console.print(
+            f"{verb} [bold]{record.id}[/] ({record.hardware_class}"
+            f"{', ' + label_text if label_text else ''}) in fleet {fleet.config.fleet}"
+        )
+        err_console.print(
+            f"  bundle {out} [red](secret: the device's broker password; mode 0600)[/]"
+        )
+        if issued.reissued:
+            err_console.print("  the previous bundle's credentials are replaced")
+        err_console.print(f"  on the device: edgelm agent enroll {out.name} --state-dir DIR")
+
+    emit(issued.as_dict(), as_json=as_json, human=human)
+
+
+@provision.group("token", cls=SuggestingGroup)
+def token() -> None:
+    """Operator tokens for the control plane's REST API (stored hashed)."""
+
+
+@token.command("create")
+@click.argument("name")
+@_FLEET_DIR
+@json_option
+@translated
+def token_create_cmd(name: str, fleet_dir: Path, as_json: bool) -> None:
+    """Make a token NAME; print it once (only its sha256 is kept, in control/tokens.json).
+
+    The token named `operator` is also written to DIR/operator-token (0600), where
+    `edgelm fleet` finds it. Copy control/tokens.json to the server and restart the control
+    plane for a change to take effect.
+    """
+    fleet = FleetDir.open(fleet_dir)
+    issued = TokenFile(fleet.paths.tokens_json).create(name, now=int(time.time()))
+    if name == OPERATOR:
+        write_atomic(fleet.paths.operator_token, (issued.token + "\n").encode(), mode=0o600)
+    data = {**issued.entry.as_dict(), "token": issued.token}
+    if as_json:
+        emit(data, as_json=True, human=lambda: None)
+        return
+    click.echo(issued.token)  # alone on stdout, so that TOKEN=$(edgelm provision token ...) works
+    err_console.print(
+        f"token [bold]{name}[/] created; it is shown this once. Copy "
+        f"{fleet.paths.tokens_json} to the server and restart the control plane."
+    )
+
+
+@token.command("revoke")
+@click.argument("name")
+@_FLEET_DIR
+@json_option
+@translated
+def token_revoke_cmd(name: str, fleet_dir: Path, as_json: bool) -> None:
+    """Revoke token NAME (revoking `operator` also removes DIR/operator-token)."""
+    fleet = FleetDir.open(fleet_dir)
+    entry = TokenFile(fleet.paths.tokens_json).revoke(name)
+    if name == OPERATOR:
+        fleet.paths.operator_token.unlink(missing_ok=True)
+    emit(
+        {"revoked": entry.as_dict()},
+        as_json=as_json,
+        human=lambda: err_console.print(
+            f"revoked token [bold]{name}[/]. Copy {fleet.paths.tokens_json} to the server and "
+            "restart the control plane."
+        ),
+    )
+
+
+@token.command("list")
+@_FLEET_DIR
+@json_option
+@translated
+def token_list_cmd(fleet_dir: Path, as_json: bool) -> None:
+    """Token names and when they were made (never the tokens: only hashes are kept)."""
+    fleet = FleetDir.open(fleet_dir)
+    entries = TokenFile(fleet.paths.tokens_json).entries()
+
+    def human() -> None:
+        table = Table("name", "created", "sha256")
+        for e in entries:
+            created = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(e.created_at))
+            table.add_row(e.name, f"{created} UTC", e.sha256[:12])
+        out_console().print(table)
+
+    emit({"tokens": [e.as_dict() for e in entries]}, as_json=as_json, human=human)
