@@ -1,0 +1,134 @@
+"""The control plane's MQTT session with the fleet's broker.
+
+One :class:`~edgelm_protocol.mqtt.MqttClient` with client id ``control-{fleet}-{replica}``,
+a persistent session (no clean start, a session expiry of days) and manual acknowledgements,
+so a message the control plane has not stored is sent again, on the next connection, even
+after a crash. It subscribes, at QoS 1, to every device's ``presence``, ``state``,
+``telemetry`` and ``events``, as MQTT 5 shared subscriptions (``$share/{group}/...``) when
+several replicas split the traffic.
+
+After every connection it runs the ``when_connected`` callbacks (the director republishes
+unpublished desired states, remote jobs resend queued ones), in the background so that a
+slow callback never holds the connection hook.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from collections.abc import Awaitable, Callable
+
+import structlog
+
+from edgelm_control.config import BrokerAddress
+from edgelm_control.metrics import ControlMetrics
+from edgelm_protocol import Channel, Topic, TopicFilter
+from edgelm_protocol.mqtt import (
+    ClientStateError,
+    ConnectionInfo,
+    InboundMessage,
+    InboundMessages,
+    MqttClient,
+    MqttSettings,
+)
+
+log = structlog.get_logger(__name__)
+
+INBOUND_CHANNELS = (Channel.PRESENCE, Channel.STATE, Channel.TELEMETRY, Channel.EVENTS)
+
+Callback = Callable[[], Awaitable[object]]
+
+
+def mqtt_settings(
+    broker: BrokerAddress,
+    *,
+    client_id: str,
+    receive_maximum: int,
+    session_expiry_s: int,
+    reconnect_max_s: float = 30.0,
+) -> MqttSettings:
+    return MqttSettings(
+        host=broker.host,
+        port=broker.port,
+        client_id=client_id,
+        username=broker.username,
+        password=broker.password,
+        tls=ssl.create_default_context() if broker.tls else None,
+        clean_start=False,
+        session_expiry_s=session_expiry_s,
+        receive_maximum=min(receive_maximum, 65_535),
+        manual_ack=True,
+        reconnect_max_s=reconnect_max_s,
+    )
+
+
+class FleetLink:
+    """Implements :class:`~edgelm_control.fleet.ports.FleetPublisher` over MQTT."""
+
+    def __init__(
+        self,
+        settings: MqttSettings,
+        *,
+        fleet: str,
+        share_group: str | None,
+        metrics: ControlMetrics,
+    ) -> None:
+        self.fleet = fleet
+        self.filters = tuple(
+            TopicFilter(fleet, channel, share_group) for channel in INBOUND_CHANNELS
+        )
+        self._metrics = metrics
+        self._client = MqttClient(settings, on_connect=self._on_connect)
+        self._callbacks: list[tuple[str, Callback]] = []
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def when_connected(self, name: str, callback: Callback) -> None:
+        self._callbacks.append((name, callback))
+
+    async def start(self) -> None:
+        await self._client.start()
+
+    async def stop(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.wait(self._tasks)
+        await self._client.stop()
+        self._metrics.broker_connected.set(0)
+
+    @property
+    def connected(self) -> bool:
+        return self._client.connected
+
+    async def wait_connected(self) -> None:
+        await self._client.wait_connected()
+
+    def messages(self) -> InboundMessages:
+        return self._client.messages()
+
+    def ack(self, message: InboundMessage) -> bool:
+        return self._client.ack(message)
+
+    async def publish(self, topic: Topic, payload: bytes, *, retain: bool) -> None:
+        await self._client.publish(topic.value, payload, qos=topic.spec.qos, retain=retain)
+
+    async def _on_connect(self, info: ConnectionInfo) -> None:
+        if not info.session_present:
+            await self._client.subscribe([(f.value, 1) for f in self.filters])
+            log.info("fleet_subscribed", filters=[f.value for f in self.filters])
+        task = asyncio.get_running_loop().create_task(self._after_connect(info.connection_id))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _after_connect(self, connection_id: int) -> None:
+        try:
+            await self._client.wait_connected()
+        except ClientStateError:
+            return
+        self._metrics.broker_connected.set(1)
+        for name, callback in self._callbacks:
+            try:
+                await callback()
+            except Exception:  # one callback failing must not skip the others
+                log.exception("fleet_connect_callback_failed", callback=name)
+        log.debug("fleet_connect_callbacks_done", connection_id=connection_id)
