@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from edgelm_agent.enrollment import ROOT_FILE, Enrollment, fleet_dir, load_enrollment
-from edgelm_agent.errors import ConfigError
-from edgelm_agent.inference.types import MIN_CONTEXT_LENGTH
+from edgelm_agent.errors import ConfigError, shown
+from edgelm_agent.inference.types import MAX_CONTEXT_LENGTH, MIN_CONTEXT_LENGTH
 
 LogFormat = Literal["auto", "json", "console"]
 ExecutionProvider = Literal["cpu", "cuda"]
@@ -110,6 +110,10 @@ class AgentConfig:
     jobs_retention_s: float = 7 * 24 * 3600.0
     #: … and beyond this many.
     jobs_retention_count: int = 10_000
+    #: Jobs that may wait in the queue at once; one more is refused with 507.
+    max_queued_jobs: int = 10_000
+    #: Bytes of requests and metadata the waiting jobs may hold together; past it, 507.
+    max_queued_job_bytes: int = 256 << 20
     #: Telemetry messages the outbox keeps while offline; older ones are dropped.
     outbox_telemetry_max: int = 10_000
     #: Bytes of results and events the outbox keeps; past it, upstream jobs are refused.
@@ -166,8 +170,8 @@ def _number(value: Any, expected: str) -> float:
         raise ValueError(f"expected {expected}, got {value!r}")
     try:
         number = float(value)
-    except ValueError:
-        raise ValueError(f"expected {expected}, got {value!r}") from None
+    except (ValueError, OverflowError):  # OverflowError: an integer of hundreds of digits
+        raise ValueError(f"expected {expected}, got {shown(value)}") from None
     if not math.isfinite(number):
         raise ValueError(f"expected {expected}, got {value!r}")
     return number
@@ -201,9 +205,10 @@ def _optional_non_negative_int(value: Any) -> int | None:
 
 
 def _context_length(value: Any) -> int:
-    number = _integer(value, f"an integer >= {MIN_CONTEXT_LENGTH}")
-    if number < MIN_CONTEXT_LENGTH:
-        raise ValueError(f"expected an integer >= {MIN_CONTEXT_LENGTH}, got {value!r}")
+    expected = f"an integer from {MIN_CONTEXT_LENGTH} to {MAX_CONTEXT_LENGTH}"
+    number = _integer(value, expected)
+    if not MIN_CONTEXT_LENGTH <= number <= MAX_CONTEXT_LENGTH:
+        raise ValueError(f"expected {expected}, got {shown(value)}")
     return number
 
 
@@ -312,6 +317,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("jobs_background_every", "jobs_background_every", _positive_int),
     Setting("jobs_retention_s", "jobs_retention_s", _non_negative_float),
     Setting("jobs_retention_count", "jobs_retention_count", _positive_int),
+    Setting("max_queued_jobs", "max_queued_jobs", _positive_int),
+    Setting("max_queued_job_bytes", "max_queued_job_bytes", _positive_int),
     Setting("outbox_telemetry_max", "outbox_telemetry_max", _positive_int),
     Setting("outbox_durable_max_bytes", "outbox_durable_max_bytes", _positive_int),
     Setting("telemetry_interval_s", "telemetry_interval_s", _positive_float),

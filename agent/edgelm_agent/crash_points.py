@@ -2,13 +2,16 @@
 
 The kill -9 tests set ``EDGELM_TEST_CRASH_POINT`` (the ``test_crash_point`` setting) to one of
 the names the code passes to its ``crash_point`` callable (``activation.before_switch``,
-``download.complete``…); outside tests the callable does nothing.
+``download.complete``…); outside tests the callable does nothing. ``hang:NAME`` makes the thread
+that reaches the point block for ever instead, as one stuck on a dead disk would: the shutdown
+tests use it to show the agent still stops.
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import threading
 from collections.abc import Callable
 
 import structlog
@@ -26,10 +29,14 @@ def crash_point_from(name: str | None) -> CrashPoint:
     """A callable that kills the process with SIGKILL when it reaches the point ``name``."""
     if not name:
         return no_crash
+    hang = name.startswith("hang:")
+    name = name.removeprefix("hang:")
 
     def crash(point: str) -> None:
         if point == name:
-            log.warning("crash_point_reached", point=point)
+            log.warning("crash_point_reached", point=point, action="hang" if hang else "kill")
+            if hang:
+                threading.Event().wait()  # nothing ever sets it
             os.kill(os.getpid(), signal.SIGKILL)
 
     return crash

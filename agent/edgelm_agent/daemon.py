@@ -12,7 +12,10 @@ from here. Lifecycle:
    turns 200;
 4. on SIGTERM or SIGINT: ``/readyz`` turns 503, the listeners close, requests in flight get
    ``shutdown_grace_s`` to finish; those still running or waiting then get a 503 (a stream an
-   error event); the services stop; the process exits 0, whatever a service did.
+   error event); the services stop; registry work still running is asked to stop and waited
+   for a bounded time; the process exits 0, whatever a service did. A signal during step 3
+   cancels the import or activation in progress (hashing stops within a chunk) and goes
+   straight to this step.
 
 aiohttp's own ``shutdown_timeout`` is not the grace period: it waits up to twice its value and
 treats 0 as "forever", so the daemon tracks its requests and applies the grace itself.
@@ -36,7 +39,7 @@ from aiohttp import web
 
 from edgelm_agent.api.access import HttpAccessPolicy, check_bind_allowed
 from edgelm_agent.api.app import create_app
-from edgelm_agent.api.connections import ACCEPT_BATCH, UNIX_BACKLOG, Listener
+from edgelm_agent.api.connections import Listener, defer_unknown_expectations
 from edgelm_agent.api.context import ApiContext
 from edgelm_agent.api.errors import error_fields
 from edgelm_agent.api.jobs_routes import JobsContext
@@ -45,16 +48,16 @@ from edgelm_agent.crash_points import crash_point_from
 from edgelm_agent.errors import ConfigError, ModelLoadError
 from edgelm_agent.jobs.database import Database
 from edgelm_agent.jobs.outbox import Outbox, OutboxLimits
+from edgelm_agent.jobs.store import QueueLimits
 from edgelm_agent.jobs.worker import JobWorker
 from edgelm_agent.listeners import (
     bind_tcp_socket,
     bind_unix_socket,
+    connection_caps,
     lock_socket_path,
     raise_open_file_limit,
     remove_socket_file,
-    tcp_connection_cap,
 )
-from edgelm_agent.logs import RateLimitedLog
 from edgelm_agent.metrics import AgentMetrics
 from edgelm_agent.model_manager import ModelManager
 from edgelm_agent.registry.errors import ActivationFailed, RegistryError
@@ -155,13 +158,21 @@ class Daemon:
             outbox=outbox,
             sync=sync,
         )
-        jobs = JobsContext(db, worker, outbox.limits, self.models)
+        jobs = JobsContext(
+            db,
+            worker,
+            outbox.limits,
+            self.models,
+            QueueLimits(config.max_queued_jobs, config.max_queued_job_bytes),
+        )
         runner = web.AppRunner(
             create_app(ctx, jobs),
             handler_cancellation=True,  # a client that disconnects cancels its handler
             shutdown_timeout=1.0,  # only closes connections: _drain() has already waited
         )
         await runner.setup()
+        assert runner.server is not None
+        defer_unknown_expectations(runner.server)
         loop = asyncio.get_running_loop()
         loop.set_exception_handler(_loop_exception_handler)
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -172,16 +183,23 @@ class Daemon:
         listeners: list[Listener] = []
         try:
             assert runner.server is not None
+            http = config.http
+            unix_cap, tcp_cap = connection_caps(
+                config.max_http_connections, soft_fds, http=http is not None
+            )
             unix_sock = bind_unix_socket(config.socket_path)
             socket_inode = os.stat(config.socket_path).st_ino
-            listeners.append(self._listener(unix_sock, runner.server, "unix", None))
-            http = config.http
+            listeners.append(self._listener(unix_sock, runner.server, "unix", unix_cap))
             if http is not None:
                 tcp_sock = bind_tcp_socket(http)
                 http = HttpListen(http.host, tcp_sock.getsockname()[1])  # resolves port 0
-                cap = tcp_connection_cap(config.max_http_connections, soft_fds)
-                listeners.append(self._listener(tcp_sock, runner.server, "http", cap))
-                log.info("open_files", limit=soft_fds, http_max_connections=cap)
+                listeners.append(self._listener(tcp_sock, runner.server, "http", tcp_cap))
+            log.info(
+                "open_files",
+                limit=soft_fds,
+                unix_max_connections=unix_cap,
+                http_max_connections=tcp_cap,
+            )
             for listener in listeners:
                 await listener.start()
             log.info(
@@ -189,7 +207,7 @@ class Daemon:
             )
             services_task = loop.create_task(services.run(), name="services")
             try:
-                await self._start_models()
+                await self._start_unless_stopped()
             finally:
                 self.host.starting = False
             active = self.host.active
@@ -223,9 +241,7 @@ class Daemon:
                 loop.remove_signal_handler(sig)
             log.info("agent_stopped")
 
-    def _listener(
-        self, sock: socket.socket, server: web.Server, name: str, cap: int | None
-    ) -> Listener:
+    def _listener(self, sock: socket.socket, server: web.Server, name: str, cap: int) -> Listener:
         return Listener(
             sock,
             server,
@@ -233,21 +249,44 @@ class Daemon:
             idle_timeout_s=self.config.http_idle_timeout_s,
             max_connections=cap,
             retry_after_s=self.config.retry_after_s,
-            backlog=ACCEPT_BATCH if cap is not None else UNIX_BACKLOG,
         )
+
+    async def _start_unless_stopped(self) -> None:
+        """Bring the model up, unless SIGTERM comes first. Then the import, verification or
+        activation in progress is cancelled (hashing and copying stop within a chunk) and
+        the agent goes on to its shutdown, without waiting for gigabytes it no longer
+        needs."""
+        start = asyncio.ensure_future(self._start_models())
+        stop = asyncio.ensure_future(self._stop.wait())
+        try:
+            await asyncio.wait({start, stop}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop.cancel()
+        if start.done():
+            start.result()  # the start-up's own error (a model that cannot load) goes up
+            return
+        start.cancel()
+        # Bounded: work stuck in its thread for good is left behind (see ModelManager.close).
+        await asyncio.wait({start}, timeout=START_STOP_WAIT_S)
+        if start.done() and not start.cancelled():
+            start.exception()  # stopping, the start-up's own outcome no longer matters
 
     async def _start_models(self) -> None:
         """Take the registry, import --model if given, and serve the active model."""
         self._registry_lock.enter_context(self.registry.locked())
-        await asyncio.to_thread(self.registry.clear_interrupted_imports)
+        await self.models.exclusive(self.registry.clear_interrupted_imports)
         path = self.config.model_path
         if path is None:
             await self.models.start()
             return
         log.info("model_importing", path=str(path))
+        context_length = self.config.context_length
         try:
-            target = await asyncio.to_thread(
-                self.registry.import_model, path, context_length=self.config.context_length
+            target = await self.models.exclusive_work(
+                lambda cancel: self.registry.import_model(
+                    path, context_length=context_length, cancel=cancel
+                ),
+                what="import",
             )
         except RegistryError as exc:
             raise ModelLoadError(f"cannot import {path}: {exc}") from exc
@@ -281,18 +320,16 @@ class Daemon:
 
 #: After the grace, how long stopped requests get to send their 503 before they are cancelled.
 ANSWER_AFTER_GRACE_S = 2.0
-_accept_failures = RateLimitedLog(log, "accept_failed", every_s=10.0)
+#: SIGTERM during start-up: how long the import or activation in progress gets to stop.
+START_STOP_WAIT_S = 10.0
 
 
 def _loop_exception_handler(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
-    """asyncio reports a listener that cannot accept (out of file descriptors) once per
-    attempt, with a traceback: megabytes a minute under a connection flood. One line per ten
-    seconds says the same."""
+    """One log line, without a traceback, for what the event loop caught outside any request.
+    (The listeners accept connections themselves and log their own failures, at a limited
+    rate: see api/connections.py.)"""
     message = str(context.get("message", ""))
     exc = context.get("exception")
-    if "accept" in message:
-        _accept_failures.emit(error=repr(exc) if exc is not None else message)
-        return
     log.error("event_loop_error", message=message, error=repr(exc) if exc else None)
 
 

@@ -13,7 +13,8 @@
     │   ├── ForbiddenHost          403: Host or Origin not allowed (DNS rebinding defence)
     │   ├── ModelNotFound          404: no such model
     │   ├── RequestTimeout         408: the body did not arrive in time
-    │   └── PayloadTooLarge        413: body over the size limit
+    │   ├── PayloadTooLarge        413: body over the size limit
+    │   └── ExpectationFailed      417: an ``Expect`` header other than ``100-continue``
     ├── Overloaded             503/429: we cannot take the work now; carries ``retry_after_s``
     │   ├── QueueFull              429: the wait queue is full
     │   └── NotReady               503: no model loaded yet, or shutting down
@@ -25,6 +26,18 @@ error type each class answers with is one table, in :mod:`edgelm_agent.api.error
 """
 
 from __future__ import annotations
+
+#: How much of a value a client sent an error message quotes back.
+SHOWN_CHARS = 40
+
+
+def shown(value: object, limit: int = SHOWN_CHARS) -> str:
+    """``repr(value)``, cut to ``limit`` characters: a message says what came without echoing
+    a megabyte string or a 400-digit number back to the client and into the log."""
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 128:
+        return f"an integer of {len(str(abs(value)))} digits"  # str() of it costs time itself
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 class EdgelmError(Exception):
@@ -62,14 +75,24 @@ class InvalidRequest(RequestError):
 
 
 class ContextOverflow(RequestError):
+    """``max_tokens`` is ``None`` when the request set none: then the prompt alone leaves no
+    room for a reply, and the message says that rather than blame a limit nobody set."""
+
     code = "context_length_exceeded"
 
-    def __init__(self, *, prompt_tokens: int, max_tokens: int, context_length: int) -> None:
-        super().__init__(
-            f"prompt ({prompt_tokens} tokens) + max_tokens ({max_tokens}) = "
-            f"{prompt_tokens + max_tokens} exceeds the context length of {context_length} tokens",
-            param="max_tokens",
-        )
+    def __init__(self, *, prompt_tokens: int, max_tokens: int | None, context_length: int) -> None:
+        if max_tokens is None:
+            message = (
+                f"the prompt ({prompt_tokens} tokens) leaves no room for a reply in the "
+                f"context length of {context_length} tokens; shorten it"
+            )
+        else:
+            message = (
+                f"prompt ({prompt_tokens} tokens) + max_tokens ({max_tokens}) = "
+                f"{prompt_tokens + max_tokens} exceeds the context length of "
+                f"{context_length} tokens"
+            )
+        super().__init__(message, param="max_tokens" if max_tokens is not None else None)
         self.prompt_tokens = prompt_tokens
         self.max_tokens = max_tokens
         self.context_length = context_length
@@ -87,13 +110,17 @@ class ModelNotFound(RequestError):
     code = "model_not_found"
 
     def __init__(self, requested: str, available: list[str], *, what: str = "loaded") -> None:
-        listed = ", ".join(available) if available else f"none {what}"
-        super().__init__(f"model {requested!r} not found; {what}: {listed}", param="model")
+        found = f"{what}: {', '.join(available)}" if available else f"no model is {what}"
+        super().__init__(f"model {shown(requested)} not found; {found}", param="model")
         self.requested = requested
 
 
 class RequestTimeout(RequestError):
     code = "request_timeout"
+
+
+class ExpectationFailed(RequestError):
+    code = "expectation_failed"
 
 
 class PayloadTooLarge(RequestError):

@@ -105,12 +105,12 @@ def remove_socket_file(path: Path, inode: int) -> None:
             path.unlink()
 
 
-#: Descriptors kept back from the HTTP listener's connections: the Unix socket's clients, the
-#: database, model files and the runtimes' own files must always get one. An agent with a
-#: model holds about 25; a burst of refused connections holds up to 64 more for a moment
-#: (one accept batch and the refusals lingering to deliver their 503, see api/connections.py).
+#: Descriptors kept back from both listeners' connections: the database, model files and the
+#: runtimes' own files must always get one. An agent with a model holds about 25; a burst of
+#: refused connections holds up to 64 more for a moment (one accept batch and the refusals
+#: lingering to deliver their 503, see api/connections.py).
 FD_RESERVE = 128
-MIN_TCP_CONNECTIONS = 16
+MIN_CONNECTIONS = 16
 
 
 def raise_open_file_limit() -> int:
@@ -124,11 +124,17 @@ def raise_open_file_limit() -> int:
             resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
             soft = target
         except (ValueError, OSError):
-            pass  # keep what we have; the cap below adapts to it
+            pass  # keep what we have; the caps below adapt to it
     return soft
 
 
-def tcp_connection_cap(configured: int, soft_limit: int) -> int:
-    """The HTTP listener's connection cap: the configured one, lowered to keep FD_RESERVE
-    descriptors free."""
-    return max(MIN_TCP_CONNECTIONS, min(configured, soft_limit - FD_RESERVE))
+def connection_caps(configured_tcp: int, soft_limit: int, *, http: bool) -> tuple[int, int]:
+    """(Unix, TCP) connection caps. Together they stay below the open-file limit minus
+    FD_RESERVE, so neither listener can take the database's or the models' descriptors. TCP
+    gets what is configured, at most half of that budget; the Unix socket the rest, so a flood
+    on either listener leaves the other its own share."""
+    budget = max(2 * MIN_CONNECTIONS, soft_limit - FD_RESERVE)
+    if not http:
+        return budget, 0
+    tcp = max(MIN_CONNECTIONS, min(configured_tcp, budget // 2))
+    return budget - tcp, tcp

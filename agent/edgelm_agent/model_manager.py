@@ -12,11 +12,19 @@ Steps, each a precondition of the next::
 A failure before the switch leaves the old model serving and records ``activation_failed``
 with the reason: that is the automatic rollback. A ``kill -9`` anywhere before the commit
 restarts on the old model; after it, on the new one. Never a half state.
+
+Registry work (imports, installs, verification, gc) runs one call at a time in a thread of its
+own (:class:`~edgelm_agent.worker_thread.WorkerThread`), under the same lock as activation. A
+caller that goes away (a client hangs up, the agent stops) sets the work's cancel event, which
+long work checks between chunks, and the lock is held until the thread has really finished:
+the next registry change never runs beside a leftover of the last.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,6 +38,7 @@ from edgelm_agent.errors import EdgelmError, ModelError, RequestError
 from edgelm_agent.inference.loader import load_backend
 from edgelm_agent.inference.scheduler import Scheduler, SchedulerHooks
 from edgelm_agent.inference.types import (
+    MIN_CONTEXT_LENGTH,
     Finished,
     GenerationRequest,
     SamplingDefaults,
@@ -42,9 +51,13 @@ from edgelm_agent.registry.model_target import ModelTarget
 from edgelm_agent.registry.registry import Registry
 from edgelm_agent.registry.state import RegistryState
 from edgelm_agent.serving import FailureStreak, ModelHost, ServingModel
+from edgelm_agent.worker_thread import WorkerThread
 
 log = structlog.get_logger(__name__)
 T = TypeVar("T")
+
+#: At shutdown, how long registry work still running gets to notice its cancel and stop.
+REGISTRY_STOP_WAIT_S = 10.0
 
 
 class ModelManager:
@@ -76,7 +89,10 @@ class ModelManager:
         self.gpu_layers = gpu_layers
         self.onnx_provider = onnx_provider
         self._crash_point = crash_point  # fault injection for the kill -9 tests
-        self._lock = asyncio.Lock()  # one activation at a time
+        self._lock = asyncio.Lock()  # one activation or registry change at a time
+        self._registry_thread = WorkerThread("edgelm-registry")
+        #: The cancel event of the registry work running now, if any.
+        self._running_cancel: threading.Event | None = None
 
     async def start(self) -> None:
         """Serve the recorded active model, or the previous one if it no longer verifies."""
@@ -139,9 +155,36 @@ class ModelManager:
         return served | await asyncio.to_thread(self.registry.known_names)
 
     async def exclusive(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        """Run a blocking registry change in a thread, never beside an activation."""
+        """Run a blocking registry change in the registry thread, never beside an
+        activation."""
+        what = getattr(fn, "__name__", "registry work")
+        return await self.exclusive_work(lambda cancel: fn(*args, **kwargs), what=what)
+
+    async def exclusive_work(self, work: Callable[[threading.Event], T], *, what: str) -> T:
+        """Like :meth:`exclusive`, for work that takes a cancel event and checks it between
+        chunks (imports, installs, verification): if the caller goes away, it stops there."""
         async with self._lock:
-            return await asyncio.to_thread(fn, *args, **kwargs)
+            return await self._in_registry_thread(work, what)
+
+    async def _in_registry_thread(self, work: Callable[[threading.Event], T], what: str) -> T:
+        """Run ``work`` in the registry thread and wait for it. Cancelled, it sets the work's
+        cancel event and still waits for the thread to finish (a second cancellation, the
+        shutdown's, ends that wait), so the caller's lock covers the whole of the work."""
+        cancel = threading.Event()
+        self._running_cancel = cancel
+        future = asyncio.wrap_future(self._registry_thread.submit(functools.partial(work, cancel)))
+        try:
+            return await asyncio.shield(future)
+        except asyncio.CancelledError:
+            cancel.set()
+            log.info("registry_work_cancelled", work=what)
+            await asyncio.wait({future})
+            if not future.cancelled():
+                future.exception()  # what it raised on the way out (Cancelled) goes unheard
+            raise
+        finally:
+            if self._running_cancel is cancel:
+                self._running_cancel = None
 
     async def rollback(self) -> ModelTarget:
         previous = self.registry.state().previous
@@ -150,7 +193,9 @@ class ModelManager:
         return await self.activate(previous, event="rolled_back")
 
     async def _prepare(self, target: ModelTarget) -> tuple[ServingModel, HealthFigures]:
-        path: Path = await asyncio.to_thread(self.registry.verified_path, target)
+        path: Path = await self._in_registry_thread(
+            lambda cancel: self.registry.verified_path(target, cancel=cancel), "verify"
+        )
         self._crash_point("activation.verified")
         available = available_memory_bytes()
         if available is not None and target.min_ram_bytes > available:
@@ -171,6 +216,17 @@ class ModelManager:
         )
         self.metrics.model_load.labels(target.name).set(time.perf_counter() - started)
         self._crash_point("activation.loaded")
+        served = backend.info.context_length
+        if served < MIN_CONTEXT_LENGTH:
+            # The requested context is capped at the model's trained length, which the
+            # signed metadata may not know: a model trained on a few dozen tokens loads,
+            # answers its short health check, and then refuses every real chat.
+            backend.close()
+            raise ActivationFailed(
+                f"{target.ref} serves a context of {served} tokens (its trained length); at "
+                f"least {MIN_CONTEXT_LENGTH} are needed to hold a chat",
+                reason="context_too_small",
+            )
         health = FailureStreak()
         scheduler = Scheduler(
             backend,
@@ -269,11 +325,17 @@ class ModelManager:
         model.backend.close()
         log.info("model_retired", model=model.model_id, version=model.version)
 
-    async def close(self) -> None:
+    async def close(self, registry_wait_s: float = REGISTRY_STOP_WAIT_S) -> None:
+        """Close the models, and stop registry work: it is asked to stop, and waited for a
+        bounded time; a thread stuck for good is left to the process's exit."""
         for model in self.host.models():
             await model.scheduler.close()
             model.backend.close()
         self.host.set_active(None)
+        if self._running_cancel is not None:
+            self._running_cancel.set()
+        if not await asyncio.to_thread(self._registry_thread.shutdown, registry_wait_s):
+            log.error("registry_thread_stuck", timeout_s=registry_wait_s)
 
 
 @dataclass(frozen=True)

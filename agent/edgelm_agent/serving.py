@@ -132,7 +132,7 @@ class ServingModel:
         if max_tokens > room or room <= 0:
             raise ContextOverflow(
                 prompt_tokens=prompt_tokens,
-                max_tokens=max(max_tokens, 1),
+                max_tokens=fields.max_tokens,  # None: the prompt alone fills the context
                 context_length=self.context_length,
             )
         d = self.defaults

@@ -10,12 +10,16 @@ path                      mode    why
 ``agent.db`` (+ WAL)      0640    prompts and answers: the same people who may call
                                   the socket (mode 0660) may read them, nobody else
 ``registry/local-keys/``  0700    signing keys: the agent alone (files 0600)
-``registry/blobs/…``      0444    models, read-only, inside the 0750 tree
+``registry/blobs/…``      0440    models, read-only, for the agent and its group
+everything else           0750    folders; files 0640 (``state.json``, metadata…)
 ========================  ======  ================================================
 
-The daemon runs with umask 027, so whatever it creates gets these modes, and at every start it
-takes away what "others" may do on what an older agent created with looser modes (0644 files,
-0755 directories), so an upgrade closes the gap without anyone running chmod.
+Nothing under the state directory is readable by other users. The daemon runs with umask 027,
+so whatever it creates gets these modes, and at every start it walks the tree and takes away
+what "others" may do on what an older agent created with looser modes (0644 files, 0755
+directories), so an upgrade closes the gap without anyone running chmod. A state directory
+that is a symbolic link (to a data partition, say) is tightened where it points; links inside
+the tree are never followed.
 """
 
 from __future__ import annotations
@@ -32,7 +36,6 @@ log = structlog.get_logger(__name__)
 
 UMASK = 0o027
 DIR_MODE = 0o750
-DB_FILES = ("agent.db", "agent.db-wal", "agent.db-shm")
 PRIVATE_DIRS = ("registry/local-keys",)
 
 
@@ -56,14 +59,17 @@ def _tighten(path: Path, *, private: bool = False) -> None:
 
 
 def prepare_state_dir(state_dir: Path) -> None:
-    """Create the state directory (0750) or take what others may do away from an old one."""
+    """Create the state directory (0750), or take what others may do away from everything in
+    an old one."""
     use_private_umask()
     try:
         state_dir.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
-        _tighten(state_dir)
-        for name in DB_FILES:
-            _tighten(state_dir / name)
-        for name in PRIVATE_DIRS:
-            _tighten(state_dir / name, private=True)
+        real = state_dir.resolve()  # a link is the operator's choice of place: tighten that
+        _tighten(real)
+        private = [real / name for name in PRIVATE_DIRS]
+        for folder, dirs, files in os.walk(real):  # never into a linked folder
+            for name in dirs + files:
+                path = Path(folder) / name
+                _tighten(path, private=any(path.is_relative_to(p) for p in private))
     except OSError as exc:
         raise ConfigError(f"cannot prepare state directory {state_dir}: {exc.strerror}") from exc

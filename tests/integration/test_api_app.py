@@ -191,3 +191,84 @@ class TestCors:
         finally:
             await server.close()
             await scheduler.close()
+
+
+@pytest.fixture
+async def with_origin() -> AsyncIterator[str]:
+    """The app behind an access policy with a token and one allowed origin; its base URL."""
+    backend = FakeBackend(["Hel", "lo"])
+    scheduler = Scheduler(backend, max_queue=1, retry_after_s=1)
+    host = ModelHost()
+    host.set_active(ServingModel(backend, scheduler, context_length=64))
+    port = free_port()
+    policy = HttpAccessPolicy.for_listener(
+        HttpListen("127.0.0.1", port), "tok", ("http://localhost:3000",)
+    )
+    server = TestServer(
+        create_app(ApiContext(host, AgentMetrics(), 1 << 20, policy)), host="127.0.0.1", port=port
+    )
+    await server.start_server()
+    yield f"http://127.0.0.1:{port}"
+    await server.close()
+    await scheduler.close()
+
+
+ORIGIN = {"Origin": "http://localhost:3000"}
+AUTH = {"Authorization": "Bearer tok"}
+
+
+class TestCorsOnEveryResponse:
+    @pytest.mark.parametrize(
+        ("body", "headers", "status"),
+        [
+            pytest.param({**BODY, "model": "nope"}, AUTH, 404, id="model-not-found"),
+            pytest.param({**BODY, "max_tokens": 0}, AUTH, 400, id="bad-field"),
+            pytest.param(BODY, {"Authorization": "Bearer wrong"}, 401, id="wrong-token"),
+        ],
+    )
+    async def test_errors_carry_cors_headers(self, with_origin, body, headers, status):
+        """An allowed origin can read every error the agent answers, its Retry-After too."""
+        async with (
+            aiohttp.ClientSession() as s,
+            s.post(with_origin + "/v1/completions", json=body, headers={**ORIGIN, **headers}) as r,
+        ):
+            assert r.status == status
+            assert r.headers["Access-Control-Allow-Origin"] == "http://localhost:3000"
+            assert "Retry-After" in r.headers["Access-Control-Expose-Headers"]
+
+    async def test_a_stream_carries_cors_headers(self, with_origin):
+        """A streamed answer, whose headers leave before the middleware sees it, carries
+        them too: the kiosk's web app can stream."""
+        async with (
+            aiohttp.ClientSession() as s,
+            s.post(
+                with_origin + "/v1/completions",
+                json={**BODY, "model": "fake", "stream": True},
+                headers={**ORIGIN, **AUTH},
+            ) as r,
+        ):
+            await r.read()
+            assert r.status == 200
+            assert r.headers["Access-Control-Allow-Origin"] == "http://localhost:3000"
+
+    async def test_an_unknown_path_carries_cors_headers(self, with_origin):
+        """aiohttp's own 404 for a path that does not exist is readable too."""
+        async with (
+            aiohttp.ClientSession() as s,
+            s.get(with_origin + "/v1/nope", headers={**ORIGIN, **AUTH}) as r,
+        ):
+            assert r.status == 404
+            assert r.headers["Access-Control-Allow-Origin"] == "http://localhost:3000"
+
+    async def test_a_refused_origin_gets_none(self, with_origin):
+        """An origin that is not allowed gets its 403 without CORS headers."""
+        async with (
+            aiohttp.ClientSession() as s,
+            s.post(
+                with_origin + "/v1/completions",
+                json=BODY,
+                headers={"Origin": "http://evil.example", **AUTH},
+            ) as r,
+        ):
+            assert r.status == 403
+            assert "Access-Control-Allow-Origin" not in r.headers

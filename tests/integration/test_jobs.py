@@ -135,12 +135,14 @@ async def wait_state(
 async def wait_all_final(
     s: aiohttp.ClientSession, ids: list[str], timeout_s: float
 ) -> dict[str, dict[str, Any]]:
+    """Every job in ``ids`` once all are final, each shown whole (a listed job is only a
+    summary, without its result)."""
     wanted = set(ids)
     deadline = time.monotonic() + timeout_s
     while True:
         jobs = {j["id"]: j for j in await list_all(s) if j["id"] in wanted}
         if len(jobs) == len(wanted) and all(j["state"] in FINAL for j in jobs.values()):
-            return jobs
+            return {job_id: await show(s, job_id) for job_id in ids}
         states = Counter(j["state"] for j in jobs.values())
         assert time.monotonic() < deadline, f"not all final: {states}, {len(jobs)} found"
         await asyncio.sleep(0.2)

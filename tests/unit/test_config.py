@@ -42,6 +42,21 @@ class TestResolveConfig:
         with pytest.raises(ConfigError, match="--context-length"):
             resolve_config(flags={"context_length": "lots"})
 
+    @pytest.mark.parametrize(
+        ("toml", "key"),
+        [
+            ({"shutdown_grace_s": 10**400}, "shutdown_grace_s"),
+            ({"http_idle_timeout_s": 10**400}, "http_idle_timeout_s"),
+            ({"context_length": (1 << 20) + 1}, "context_length"),
+            ({"max_queued_jobs": 0}, "max_queued_jobs"),
+        ],
+    )
+    def test_out_of_range_numbers_are_a_clear_error(self, toml, key):
+        """A number too large for a float, or past a setting's bound, is a ConfigError naming
+        the setting, not a traceback."""
+        with pytest.raises(ConfigError, match=key):
+            resolve_config(toml_data=toml)
+
     def test_unknown_toml_key_is_refused(self):
         """A typo in the config file is an error, not silently ignored."""
         with pytest.raises(ConfigError, match="max_queeu"):

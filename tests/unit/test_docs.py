@@ -59,3 +59,45 @@ class TestDocsStandAlone:
             text = path.read_text()
             assert "design.md" not in text, path
             assert "../shared" not in text, path
+
+
+def code_blocks(text: str) -> list[str]:
+    """The fenced code blocks of a Markdown text, backslash continuations joined."""
+    blocks = re.findall(r"^```[a-z]*\n(.*?)^```", text, flags=re.MULTILINE | re.DOTALL)
+    return [block.replace("\\\n", " ") for block in blocks]
+
+
+def generation_examples(text: str) -> list[str]:
+    """Every example that asks a model for text: an ``edgelm chat`` or ``jobs submit``
+    command, a curl call to a completions endpoint, a request body in JSON, an openai call."""
+    found: list[str] = []
+    for block in code_blocks(text):
+        for line in block.splitlines():
+            if re.search(r"edgelm (chat|jobs submit|fleet jobs submit)\b", line) or (
+                "curl" in line and "completions" in line
+            ):
+                found.append(line)
+        if re.search(r'^\s*\{\s*"(model|request)"', block, flags=re.MULTILINE) and re.search(
+            r'"(messages|prompt)"', block
+        ):
+            found.append(block)
+        if ".create(" in block and "model=" in block:
+            found.append(block)
+    return found
+
+
+class TestExamples:
+    def test_every_generation_example_sets_max_tokens(self):
+        """Every example a reader may copy bounds its reply: ``max_tokens`` or
+        ``--max-tokens`` in each command, request body and client call."""
+        for path in [REPO / "README.md", *(REPO / "docs").glob("*.md")]:
+            for example in generation_examples(path.read_text()):
+                assert re.search(r"max[_-]tokens", example), f"{path.name}: {example[:200]}"
+
+    def test_the_examples_are_found(self):
+        """The check above looks at the examples there are (a guard against a pattern that
+        matches nothing)."""
+        guide = generation_examples(GUIDE)
+        assert any("jobs submit" in e for e in guide)
+        api = generation_examples((REPO / "docs" / "api.md").read_text())
+        assert len(api) >= 2

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
+from edgelm_agent.api.errors import http_status
 from edgelm_agent.jobs import store
 from edgelm_agent.jobs.database import MIGRATIONS, Database, StorageFull, connect, migrate
 
@@ -137,13 +140,12 @@ class TestMigrations:
         migrate(conn)
         for n, cls in enumerate(("result", "event", "telemetry", "result"), start=1):
             conn.execute(
-                "INSERT INTO outbox (class, topic, body, bytes, created_at) "
-                "VALUES (?, ?, ?, 9, 1)",
+                "INSERT INTO outbox (class, topic, body, bytes, created_at) VALUES (?, ?, ?, 9, 1)",
                 (cls, cls, f'{{"n": {n}}}'),
             )
         conn.execute("DELETE FROM outbox WHERE seq = 4")  # acknowledged before the upgrade
         monkeypatch.setattr(database, "MIGRATIONS", MIGRATIONS)
-        assert migrate(conn) == ["0007_outbox_messages"]
+        assert migrate(conn) == [name for name, _ in MIGRATIONS[6:]]
         held = outbox.peek_rows(conn, 10)
         assert [(m.seq, m.kind, m.body) for m in held] == [
             (1, "result", {"n": 1}),
@@ -166,3 +168,83 @@ class TestMigrations:
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
         assert out.returncode == 0, out.stderr
         assert out.stdout.strip() == "False"
+
+
+@pytest.fixture
+def db(tmp_path: Path):
+    database = Database(tmp_path / "agent.db")
+    yield database
+    database.close()
+
+
+def sized(n: int, prompt_bytes: int, key: str | None = None) -> store.JobSpec:
+    return store.JobSpec(
+        kind="completion",
+        request={"model": "m", "prompt": f"{n:04d}" + "x" * (prompt_bytes - 4)},
+        idempotency_key=key,
+    )
+
+
+class TestQueueBounds:
+    def test_past_the_count_cap_a_job_is_refused_with_507(self, db):
+        """With max_jobs queued, one more is refused (507 job_queue_full); once one leaves
+        the queue there is room again."""
+        limits = store.QueueLimits(max_jobs=3, max_bytes=1 << 20)
+        ids = [db.run_sync(store.submit(sized(n, 100), queue=limits))[0]["id"] for n in range(3)]
+        with pytest.raises(store.JobQueueFull) as refused:
+            db.run_sync(store.submit(sized(3, 100), queue=limits))
+        assert http_status(refused.value) == (507, "server_error")
+        assert refused.value.code == "job_queue_full"
+        assert "max_queued_jobs" in str(refused.value)
+        db.run_sync(store.cancel(ids[0]))
+        assert db.run_sync(store.submit(sized(3, 100), queue=limits))[1]
+
+    def test_past_the_byte_cap_a_job_is_refused(self, db):
+        """The queued jobs' bytes are capped too: a job that would pass max_bytes is refused,
+        naming the setting, and nothing of it is stored."""
+        limits = store.QueueLimits(max_jobs=100, max_bytes=10_000)
+        for n in range(2):
+            db.run_sync(store.submit(sized(n, 4000), queue=limits))
+        with pytest.raises(store.JobQueueFull, match="max_queued_job_bytes"):
+            db.run_sync(store.submit(sized(2, 4000), queue=limits))
+        page, _ = db.run_sync(store.list_jobs(None, 10, None))
+        assert len(page) == 2
+
+    def test_an_idempotent_retry_is_answered_even_when_full(self, db):
+        """A client retrying a job it already submitted gets that job back, full or not."""
+        limits = store.QueueLimits(max_jobs=1, max_bytes=1 << 20)
+        first, _ = db.run_sync(store.submit(sized(0, 100, key="k"), queue=limits))
+        again, created = db.run_sync(store.submit(sized(0, 100, key="k"), queue=limits))
+        assert (again["id"], created) == (first["id"], False)
+
+
+class TestListedJobs:
+    def test_a_list_holds_summaries_and_show_holds_everything(self, db):
+        """A page of jobs carries no request or result bodies, so it stays small; one job
+        shown carries them."""
+        job, _ = db.run_sync(store.submit(sized(0, 100_000)))
+        page, _ = db.run_sync(store.list_jobs(None, 10, None))
+        [listed] = page
+        assert "request" not in listed
+        assert "result" not in listed
+        assert listed["id"] == job["id"]
+        assert listed["model"] == "m"
+        assert {"state", "kind", "priority", "attempts", "max_attempts"} <= set(listed)
+        assert len(json.dumps(page)) < 2000
+        shown, _ = db.run_sync(store.get(job["id"]))
+        assert shown["request"]["prompt"].startswith("0000")
+
+    def test_text_is_stored_as_utf8_not_escapes(self, db):
+        """Non-Latin text is stored as itself: ``\\uXXXX`` escapes would take six bytes a
+        character of the disk and of the byte cap."""
+        spec = store.JobSpec(
+            kind="completion", request={"model": "m", "prompt": "漢字"}, metadata={"k": "é"}
+        )
+        job, _ = db.run_sync(store.submit(spec))
+        row = db.run_sync(
+            lambda c: c.execute(
+                "SELECT request, metadata FROM jobs WHERE id = ?", (job["id"],)
+            ).fetchone()
+        )
+        assert "漢字" in row["request"]
+        assert "é" in row["metadata"]

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import pytest
 
+from edgelm_agent.api.jobs_routes import _query_int
 from edgelm_agent.errors import InvalidRequest
 from edgelm_agent.generation.openai_schema import decode_json_object, parse_chat, parse_completion
+from edgelm_agent.jobs.submission import parse_job
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
 
@@ -202,3 +204,67 @@ class TestParseCompletion:
         """Batches and token-id prompts are refused with a clear error."""
         with pytest.raises(InvalidRequest, match="'prompt' must be a string"):
             parse_completion({"model": "m", "prompt": prompt})
+
+
+HUGE = 10**400
+
+
+class TestHugeNumbers:
+    @pytest.mark.parametrize(
+        "field", ["temperature", "top_p", "max_tokens", "max_completion_tokens", "seed", "top_k"]
+    )
+    def test_a_huge_integer_names_its_field(self, field):
+        """An integer too large for a float is a 400 naming the field, never a 500."""
+        with pytest.raises(InvalidRequest) as info:
+            parse_chat({**CHAT, field: HUGE})
+        assert info.value.param == field
+
+    @pytest.mark.parametrize("field", ["temperature", "max_tokens", "seed"])
+    def test_the_echoed_value_is_cut_short(self, field):
+        """The message quotes the start of a huge value, not all of its 400 digits."""
+        with pytest.raises(InvalidRequest) as info:
+            parse_chat({**CHAT, field: HUGE})
+        assert len(str(info.value)) < 200
+
+    def test_a_huge_role_is_cut_short(self):
+        """A megabyte-long role is named, not echoed whole."""
+        with pytest.raises(InvalidRequest) as info:
+            parse_chat({**CHAT, "messages": [{"role": "x" * 1_000_000, "content": "hi"}]})
+        assert info.value.param == "messages[0].role"
+        assert len(str(info.value)) < 300
+
+
+JOB_REQUEST = {"model": "m", "prompt": "hi", "max_tokens": 2}
+
+
+class TestJobSubmission:
+    @pytest.mark.parametrize("field", ["ttl_s", "deadline", "priority", "max_attempts"])
+    def test_a_huge_integer_names_its_field(self, field):
+        """A job's numbers of 400 digits are a 400 naming the field, never a 500."""
+        with pytest.raises(InvalidRequest) as info:
+            parse_job({"request": JOB_REQUEST, field: HUGE}, now=1_000.0)
+        assert info.value.param == field
+
+    @pytest.mark.parametrize("field", ["ttl_s", "deadline"])
+    def test_a_float_too_far_away_is_refused(self, field):
+        """A TTL or deadline so far away that it cannot be a time is refused."""
+        with pytest.raises(InvalidRequest) as info:
+            parse_job({"request": JOB_REQUEST, field: 1e300}, now=1_000.0)
+        assert info.value.param == field
+
+    def test_a_huge_sampling_field_inside_the_request_names_it(self):
+        """The request inside a job is checked like the endpoint's: 400, not 500."""
+        with pytest.raises(InvalidRequest) as info:
+            parse_job({"request": {**JOB_REQUEST, "temperature": HUGE}}, now=1_000.0)
+        assert info.value.param == "temperature"
+
+
+class TestQueryIntegers:
+    @pytest.mark.parametrize("raw", ["9" * 5000, "99999999999999999999999", "1e3", "-1"])
+    def test_out_of_range_query_numbers_are_a_400(self, raw):
+        """A number past the integer digit limit (a ValueError in int()) is a 400 naming
+        the parameter, with the value cut short."""
+        with pytest.raises(InvalidRequest) as info:
+            _query_int({"cursor": raw}, "cursor", None, 0, 2**63 - 1)
+        assert info.value.param == "cursor"
+        assert len(str(info.value)) < 200

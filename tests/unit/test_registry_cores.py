@@ -67,6 +67,14 @@ class TestModelTarget:
         with pytest.raises(InvalidModelMetadata, match="no custom 'edgelm'"):
             parse_model_target("models/m/1/model.gguf", 5, {"sha256": SHA}, None)
 
+    @pytest.mark.parametrize("context_length", [(1 << 20) + 1, 10**30])
+    def test_context_length_has_an_upper_bound(self, context_length):
+        """Signed metadata asking for more than 1,048,576 tokens of context is refused."""
+        with pytest.raises(InvalidModelMetadata, match="at most 1048576"):
+            parse_model_target(
+                "models/m/1/model.gguf", 5, {"sha256": SHA}, custom(context_length=context_length)
+            )
+
     def test_mismatched_backend(self):
         """GGUF must run on llama.cpp; anything else is refused."""
         with pytest.raises(InvalidModelMetadata, match="runs on"):

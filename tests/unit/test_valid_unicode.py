@@ -21,7 +21,7 @@ JSON_VALUES = st.recursive(
 
 class TestFirstInvalidText:
     @pytest.mark.parametrize(
-        ("value", "path"),
+        ("value", "param"),
         [
             ({"prompt": "h\ud800i"}, "prompt"),
             (
@@ -29,13 +29,33 @@ class TestFirstInvalidText:
                 "messages[1].content",
             ),
             ({"request": {"prompt": "x"}, "idempotency_key": "k\ud83d"}, "idempotency_key"),
-            ({"a": {"\ud800": 1}}, "a (a key)"),
-            ("\ud800", "(the value)"),
+            ({"a": {"b": {"\ud800": 1}}}, "a.b"),
+            ({"\ud800": 1}, None),
+            ("\ud800", None),
         ],
     )
-    def test_names_the_field(self, value, path):
-        """The path says which field holds the lone surrogate."""
-        assert first_invalid_text(value) == path
+    def test_names_the_field(self, value, param):
+        """The param says which field holds the lone surrogate; for a bad key, the object
+        holding it (None for the body itself)."""
+        invalid = first_invalid_text(value)
+        assert invalid is not None
+        assert invalid.param == param
+
+    def test_a_bad_key_names_the_object_holding_it(self):
+        """A bad key is reported as a key of its object, a field a client can find."""
+        invalid = first_invalid_text({"metadata": {"\ud800": 1}})
+        assert invalid is not None
+        assert invalid.param == "metadata"
+        assert invalid.message.startswith("a key of metadata is not valid Unicode")
+        top = first_invalid_text({"\ud800": 1})
+        assert top is not None
+        assert top.message.startswith("a key of the request body")
+
+    def test_a_base_path_prefixes_the_param(self):
+        """Checked below a base (a job's stored request), the param carries the base."""
+        invalid = first_invalid_text({"k": {"\ud800": 1}}, "request")
+        assert invalid is not None
+        assert invalid.param == "request.k"
 
     def test_whole_characters_pass(self):
         """Emoji, accents and CJK are valid text."""

@@ -23,7 +23,7 @@ import hmac
 from dataclasses import dataclass
 
 from edgelm_agent.config import HttpListen
-from edgelm_agent.errors import ConfigError, ForbiddenHost, NotAuthorized
+from edgelm_agent.errors import ConfigError, ForbiddenHost, NotAuthorized, shown
 
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "[::1]")
 
@@ -64,13 +64,13 @@ class HttpAccessPolicy:
     def check_origin(self, *, host: str | None, origin: str | None) -> None:
         if self.restrict_host and (host is None or host.lower() not in self.allowed_hosts):
             raise ForbiddenHost(
-                f"Host header {host!r} is not allowed; call this agent as "
+                f"Host header {shown(host, 80)} is not allowed; call this agent as "
                 f"{' or '.join(self.preferred_hosts)}"
             )
         if origin is not None and origin.rstrip("/").lower() not in self.allowed_origins:
             raise ForbiddenHost(
-                f"Origin {origin!r} is not allowed; add it to allowed_origins to call the agent "
-                "from a web page"
+                f"Origin {shown(origin, 80)} is not allowed; add it to allowed_origins to call "
+                "the agent from a web page"
             )
 
     def check_token(self, authorization: str | None) -> None:

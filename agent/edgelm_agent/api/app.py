@@ -12,16 +12,19 @@ import structlog
 from aiohttp import web
 
 from edgelm_agent.api import health, jobs_routes, openai_routes, registry_routes, sync_routes
+from edgelm_agent.api.access import HttpAccessPolicy
 from edgelm_agent.api.context import (
+    ALLOWED_ORIGIN,
     API_CONTEXT,
     LOG_FACTS,
     PREPARED_RESPONSE,
     REQUEST_ID,
     STARTED,
+    UNKNOWN_EXPECTATION,
     ApiContext,
 )
 from edgelm_agent.api.errors import error_response, http_exception_response, internal_error_response
-from edgelm_agent.errors import EdgelmError, InvalidRequest
+from edgelm_agent.errors import EdgelmError, ExpectationFailed, InvalidRequest, shown
 from edgelm_agent.valid_unicode import describe, is_valid_text
 
 log = structlog.get_logger(__name__)
@@ -60,17 +63,21 @@ async def _guarded(request: web.Request, handler: Any, ctx: ApiContext) -> web.S
     """Apply the HTTP listener's access policy, then run the handler."""
     _check_url_text(request)
     policy = ctx.http_policy
-    if policy is None or _arrived_on_unix_socket(request):
-        direct: web.StreamResponse = await handler(request)
-        return direct
-    origin = request.headers.get("Origin")
-    policy.check_origin(host=request.headers.get("Host"), origin=origin)
-    if request.method == "OPTIONS":  # a CORS preflight: browsers send it without credentials
-        return web.Response(status=204, headers=policy.cors_headers(origin))
-    policy.check_token(request.headers.get("Authorization"))
+    if policy is not None and not _arrived_on_unix_socket(request):
+        origin = request.headers.get("Origin")
+        policy.check_origin(host=request.headers.get("Host"), origin=origin)
+        if origin is not None:  # allowed: every response from here on carries CORS headers
+            request[ALLOWED_ORIGIN] = origin
+        if request.method == "OPTIONS":  # a CORS preflight: browsers send it without credentials
+            return web.Response(status=204)
+        policy.check_token(request.headers.get("Authorization"))
+    expectation = request.get(UNKNOWN_EXPECTATION)
+    if expectation is not None:
+        raise ExpectationFailed(
+            f"Expect: {shown(expectation)} is not supported; only 100-continue is",
+            param="Expect",
+        )
     response: web.StreamResponse = await handler(request)
-    if not response.prepared:
-        response.headers.update(policy.cors_headers(origin))
     return response
 
 
@@ -110,6 +117,9 @@ async def edge_middleware(request: web.Request, handler: Any) -> web.StreamRespo
             status = response.status
             if not response.prepared:
                 response.headers["X-Request-Id"] = request_id
+                origin = request.get(ALLOWED_ORIGIN)
+                if origin is not None:  # errors too: the page must be able to read them
+                    response.headers.update(HttpAccessPolicy.cors_headers(origin))
             return response
     finally:
         if task is not None:

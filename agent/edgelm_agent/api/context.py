@@ -49,3 +49,8 @@ STARTED = web.RequestKey("started", float)  # time.perf_counter() at arrival
 LOG_FACTS = web.RequestKey("log_facts", dict[str, Any])
 #: Set once a handler has sent headers; the middleware must never send a second response.
 PREPARED_RESPONSE = web.RequestKey("prepared_response", web.StreamResponse)
+#: An ``Expect`` header other than ``100-continue``, set aside for the middleware to refuse.
+UNKNOWN_EXPECTATION = web.RequestKey("unknown_expectation", str)
+#: The request's ``Origin``, once the access policy has allowed it: its responses, errors and
+#: streams included, carry CORS headers for it.
+ALLOWED_ORIGIN = web.RequestKey("allowed_origin", str)

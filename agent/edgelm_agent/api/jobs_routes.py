@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
 
 from edgelm_agent.api.openai_routes import read_json
-from edgelm_agent.errors import InvalidRequest, ModelNotFound, NotReady
+from edgelm_agent.errors import InvalidRequest, ModelNotFound, NotReady, shown
 from edgelm_agent.jobs import store
 from edgelm_agent.jobs.database import Database
 from edgelm_agent.jobs.outbox import OutboxLimits
@@ -34,6 +34,8 @@ class JobsContext:
     #: Which models exist, so a job for a model that does not is refused at once;
     #: ``None`` skips the check (tests with a bare model).
     models: ModelManager | None = None
+    #: How many jobs, and how many bytes of them, may wait at once.
+    queue_limits: store.QueueLimits = field(default_factory=store.QueueLimits)
 
 
 JOBS = web.AppKey("jobs", JobsContext)
@@ -57,7 +59,7 @@ async def submit(request: web.Request) -> web.Response:
         known = await jobs.models.known_models()
         if spec.model not in known:
             raise ModelNotFound(spec.model, sorted(known), what="installed or offered")
-    job, created = await jobs.db.run(store.submit(spec, jobs.outbox_limits))
+    job, created = await jobs.db.run(store.submit(spec, jobs.outbox_limits, jobs.queue_limits))
     if created:
         jobs.worker.wake()
     position = await jobs.db.read(store.position(job["id"]))
@@ -76,9 +78,15 @@ def _query_int(
     raw = query.get(name)
     if raw is None:
         return default
-    if not raw.isascii() or not raw.isdigit() or not lo <= int(raw) <= hi:
+    # Checked before int(): past 4,300 digits int() itself refuses, with a ValueError.
+    if (
+        not raw.isascii()
+        or not raw.isdigit()
+        or len(raw) > len(str(hi))
+        or not lo <= int(raw) <= hi
+    ):
         raise InvalidRequest(
-            f"{name!r} must be an integer from {lo} to {hi}, got {raw!r}", param=name
+            f"{name!r} must be an integer from {lo} to {hi}, got {shown(raw)}", param=name
         )
     return int(raw)
 

@@ -2,7 +2,8 @@
 
 These change what the device runs, so they are served on the Unix socket and, like every
 route, behind the HTTP listener's access policy. Long operations answer when done; the CLI shows
-a spinner meanwhile.
+a spinner meanwhile. A client that hangs up cancels its import, install or verification, which
+stops at its next chunk.
 """
 
 from __future__ import annotations
@@ -15,9 +16,11 @@ from aiohttp import web
 
 from edgelm_agent.api.context import API_CONTEXT
 from edgelm_agent.api.openai_routes import read_json
-from edgelm_agent.errors import InvalidRequest, NotReady
-from edgelm_agent.inference.types import MIN_CONTEXT_LENGTH
+from edgelm_agent.errors import InvalidRequest, NotReady, shown
+from edgelm_agent.inference.types import MAX_CONTEXT_LENGTH, MIN_CONTEXT_LENGTH
 from edgelm_agent.model_manager import ModelManager
+from edgelm_agent.registry.errors import InvalidModelMetadata
+from edgelm_agent.registry.model_target import check_name, check_version
 from edgelm_agent.registry.state import RegistryState
 
 
@@ -35,6 +38,23 @@ def _str_field(body: dict[str, Any], name: str, *, required: bool = True) -> str
     if not isinstance(value, str) or not value:
         raise InvalidRequest(f"{name!r} must be a non-empty string", param=name)
     return value
+
+
+def _model_field(body: dict[str, Any], name: str, check: Any) -> str | None:
+    """An optional model name or version, checked here so a bad one is the client's 400
+    naming the field, not a 422 about signed metadata."""
+    value = _str_field(body, name, required=False)
+    if value is None:
+        return None
+    try:
+        checked: str = check(value)
+    except InvalidModelMetadata:
+        raise InvalidRequest(
+            f"{name!r} must be 1-64 characters of a-z 0-9 . _ -, starting with a letter or "
+            f"digit; got {shown(value)}",
+            param=name,
+        ) from None
+    return checked
 
 
 def state_view(state: RegistryState, history: int = 50) -> dict[str, Any]:
@@ -71,30 +91,33 @@ async def import_model(request: web.Request) -> web.Response:
     if (
         isinstance(context_length, bool)
         or not isinstance(context_length, int)
-        or context_length < MIN_CONTEXT_LENGTH
+        or not MIN_CONTEXT_LENGTH <= context_length <= MAX_CONTEXT_LENGTH
     ):
         raise InvalidRequest(
-            f"'context_length' must be an integer of at least {MIN_CONTEXT_LENGTH}",
+            f"'context_length' must be an integer from {MIN_CONTEXT_LENGTH} to "
+            f"{MAX_CONTEXT_LENGTH}, got {shown(context_length)}",
             param="context_length",
         )
+    name = _model_field(body, "name", check_name)
+    version = _model_field(body, "version", check_version)
     manager = _manager(request)
-    target = await manager.exclusive(
-        manager.registry.import_model,
-        path,
-        name=_str_field(body, "name", required=False),
-        version=_str_field(body, "version", required=False),
-        context_length=context_length,
+    target = await manager.exclusive_work(
+        lambda cancel: manager.registry.import_model(
+            path, name=name, version=version, context_length=context_length, cancel=cancel
+        ),
+        what="import",
     )
     return web.json_response(target.as_dict(), status=201)
 
 
 async def install_model(request: web.Request) -> web.Response:
     body = await read_json(request)
+    _str_field(body, "name")
+    name = _model_field(body, "name", check_name) or ""
+    version = _model_field(body, "version", check_version)
     manager = _manager(request)
-    target = await manager.exclusive(
-        manager.registry.install,
-        _str_field(body, "name") or "",
-        _str_field(body, "version", required=False),
+    target = await manager.exclusive_work(
+        lambda cancel: manager.registry.install(name, version, cancel=cancel), what="install"
     )
     return web.json_response(target.as_dict(), status=201)
 
@@ -119,8 +142,9 @@ async def rollback(request: web.Request) -> web.Response:
 async def verify(request: web.Request) -> web.Response:
     body = await read_json(request) if request.can_read_body else {}
     manager = _manager(request)
-    results = await manager.exclusive(
-        manager.registry.verify, _str_field(body, "model", required=False)
+    ref = _str_field(body, "model", required=False)
+    results = await manager.exclusive_work(
+        lambda cancel: manager.registry.verify(ref, cancel=cancel), what="verify"
     )
     # 200 either way: the check ran, and its findings are the answer. (A 4xx here made
     # clients, the CLI among them, drop the results that say which model failed and why.)

@@ -12,7 +12,8 @@ from typing import Any
 
 from aiohttp import web
 
-from edgelm_agent.api.context import PREPARED_RESPONSE, REQUEST_ID
+from edgelm_agent.api.access import HttpAccessPolicy
+from edgelm_agent.api.context import ALLOWED_ORIGIN, PREPARED_RESPONSE, REQUEST_ID
 from edgelm_agent.api.errors import error_body
 
 SSE_HEADERS = {
@@ -45,6 +46,9 @@ class SseStream:
     async def open(self) -> None:
         response = _SseResponse(headers=SSE_HEADERS)
         response.headers["X-Request-Id"] = self._request[REQUEST_ID]
+        origin = self._request.get(ALLOWED_ORIGIN)
+        if origin is not None:  # the headers go out now: the middleware cannot add them later
+            response.headers.update(HttpAccessPolicy.cors_headers(origin))
         self._request[PREPARED_RESPONSE] = response
         await response.prepare(self._request)
         self._response = response

@@ -12,10 +12,10 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from edgelm_agent.errors import InvalidRequest
+from edgelm_agent.errors import InvalidRequest, shown
 from edgelm_agent.inference.chat_template import ChatMessage
-from edgelm_agent.inference.types import SamplingFields
-from edgelm_agent.valid_unicode import describe, first_invalid_text
+from edgelm_agent.inference.types import MAX_CONTEXT_LENGTH, SamplingFields
+from edgelm_agent.valid_unicode import first_invalid_text
 
 MAX_STOP_SEQUENCES = 4  # OpenAI's limit; a kiosk app needs no more
 ROLES = ("system", "user", "assistant", "tool", "developer")
@@ -54,7 +54,7 @@ def decode_json_object(raw: bytes) -> dict[str, Any]:
         raise InvalidRequest(f"request body must be a JSON object, got {type(data).__name__}")
     invalid = first_invalid_text(data)
     if invalid is not None:
-        raise InvalidRequest(describe(invalid), param=invalid)
+        raise InvalidRequest(invalid.message, param=invalid.param)
     return data
 
 
@@ -67,26 +67,45 @@ def _required_str(data: dict[str, Any], name: str) -> str:
     return value
 
 
+def finite_number(value: Any) -> float | None:
+    """``value`` as a float if it is a JSON number a float can hold; ``None`` otherwise (a
+    string, a bool, NaN, or an integer of hundreds of digits, which ``float()`` and
+    ``math.isfinite`` refuse with OverflowError)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    try:
+        number = float(value)
+    except OverflowError:
+        return None
+    return number if math.isfinite(number) else None
+
+
 def _number(data: dict[str, Any], name: str, lo: float, hi: float) -> float | None:
     value = data.get(name)
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise InvalidRequest(f"{name!r} must be a number", param=name)
-    if not lo <= value <= hi:
-        raise InvalidRequest(f"{name!r} must be between {lo} and {hi}, got {value}", param=name)
-    return float(value)
+    number = finite_number(value)
+    if number is None:
+        raise InvalidRequest(
+            f"{name!r} must be a number between {lo} and {hi}, got {shown(value)}", param=name
+        )
+    if not lo <= number <= hi:
+        raise InvalidRequest(
+            f"{name!r} must be between {lo} and {hi}, got {shown(value)}", param=name
+        )
+    return number
 
 
-def _integer(data: dict[str, Any], name: str, lo: int, hi: int | None = None) -> int | None:
+def _integer(data: dict[str, Any], name: str, lo: int, hi: int) -> int | None:
     value = data.get(name)
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int):
-        raise InvalidRequest(f"{name!r} must be an integer", param=name)
-    if value < lo or (hi is not None and value > hi):
-        bound = f"between {lo} and {hi}" if hi is not None else f"at least {lo}"
-        raise InvalidRequest(f"{name!r} must be {bound}, got {value}", param=name)
+        raise InvalidRequest(f"{name!r} must be an integer, got {shown(value)}", param=name)
+    if not lo <= value <= hi:
+        raise InvalidRequest(
+            f"{name!r} must be between {lo} and {hi}, got {shown(value)}", param=name
+        )
     return value
 
 
@@ -131,19 +150,20 @@ def _refuse_unsupported(data: dict[str, Any]) -> None:
     ):
         kind = response_format.get("type") if isinstance(response_format, dict) else None
         raise InvalidRequest(
-            f"response_format type {kind!r} is not supported; only 'text'",
+            f"response_format type {shown(kind)} is not supported; only 'text'",
             param="response_format",
         )
 
 
 def _sampling(data: dict[str, Any]) -> SamplingFields:
     _refuse_unsupported(data)
-    n = _integer(data, "n", 1)
+    n = _integer(data, "n", 1, 2**63)
     if n is not None and n != 1:
         raise InvalidRequest("only 'n' = 1 is supported", param="n")
-    max_tokens = _integer(data, "max_completion_tokens", 1)
+    # No reply is longer than the largest context the agent serves.
+    max_tokens = _integer(data, "max_completion_tokens", 1, MAX_CONTEXT_LENGTH)
     if max_tokens is None:
-        max_tokens = _integer(data, "max_tokens", 1)
+        max_tokens = _integer(data, "max_tokens", 1, MAX_CONTEXT_LENGTH)
     return SamplingFields(
         max_tokens=max_tokens,
         temperature=_number(data, "temperature", 0.0, 2.0),
@@ -207,7 +227,7 @@ def _messages(data: dict[str, Any]) -> tuple[ChatMessage, ...]:
         role = item.get("role")
         if role not in ROLES:
             raise InvalidRequest(
-                f"messages[{i}].role must be one of {', '.join(ROLES)}, got {role!r}",
+                f"messages[{i}].role must be one of {', '.join(ROLES)}, got {shown(role)}",
                 param=f"messages[{i}].role",
             )
         # OpenAI's newer "developer" role is its "system" role; model templates know the latter.

@@ -292,6 +292,7 @@ class Scheduler:
         self._closed = True
         self.cancel_running()
         try:
-            await asyncio.wait_for(asyncio.to_thread(self._executor.shutdown, wait=True), timeout_s)
+            async with asyncio.timeout(timeout_s):  # not wait_for: it can swallow a cancel
+                await asyncio.to_thread(self._executor.shutdown, wait=True)
         except TimeoutError:
             log.error("generation_thread_stuck", timeout_s=timeout_s)

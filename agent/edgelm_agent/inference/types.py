@@ -12,6 +12,9 @@ FinishReason = Literal["stop", "length", "cancelled"]
 #: Below this a model cannot hold its health check: the signed schema's minimum (see
 #: edgelm_protocol.targets), which the agent's configuration enforces as well.
 MIN_CONTEXT_LENGTH = _SCHEMA_MIN_CONTEXT_LENGTH
+#: Above this a context length is a mistake (or an attack on memory), not a model: 2^20
+#: tokens is beyond what any model the agent serves is trained for.
+MAX_CONTEXT_LENGTH = 1 << 20
 Format = Literal["gguf", "onnx"]
 
 

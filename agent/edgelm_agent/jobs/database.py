@@ -193,6 +193,44 @@ def _migration_sync_state(db: sqlite_utils.Database) -> None:
     db.execute("CREATE TABLE sync_state (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
 
 
+def _stored_size(row: str) -> str:
+    """SQL for the bytes a job row holds in its request and metadata (see store.stored_bytes)."""
+    return (
+        f"length(CAST({row}.request AS BLOB)) + coalesce(length(CAST({row}.metadata AS BLOB)), 0)"
+    )
+
+
+def _migration_queue_totals(db: sqlite_utils.Database) -> None:
+    # The queue's caps (how many jobs wait, and how many bytes they hold) are checked at every
+    # submission. Triggers keep a running total in the transaction of each change, so the
+    # check reads one row instead of summing every waiting request.
+    db.execute(
+        "CREATE TABLE job_queue_totals (id INTEGER PRIMARY KEY CHECK (id = 1), "
+        "jobs INTEGER NOT NULL, bytes INTEGER NOT NULL)"
+    )
+    db.execute(
+        "INSERT INTO job_queue_totals SELECT 1, count(*), "  # noqa: S608  # our own SQL
+        f"coalesce(sum({_stored_size('jobs')}), 0) FROM jobs WHERE state = 'queued'"
+    )
+    db.execute(
+        "CREATE TRIGGER queued_insert AFTER INSERT ON jobs "  # noqa: S608  # our own SQL
+        "WHEN NEW.state = 'queued' BEGIN UPDATE job_queue_totals SET jobs = jobs + 1, "
+        f"bytes = bytes + {_stored_size('NEW')} WHERE id = 1; END"
+    )
+    db.execute(
+        "CREATE TRIGGER queued_delete AFTER DELETE ON jobs "  # noqa: S608  # our own SQL
+        "WHEN OLD.state = 'queued' BEGIN UPDATE job_queue_totals SET jobs = jobs - 1, "
+        f"bytes = bytes - {_stored_size('OLD')} WHERE id = 1; END"
+    )
+    db.execute(
+        "CREATE TRIGGER queued_update AFTER UPDATE ON jobs "  # noqa: S608  # our own SQL
+        "WHEN OLD.state = 'queued' OR NEW.state = 'queued' BEGIN UPDATE job_queue_totals SET "
+        "jobs = jobs - (OLD.state = 'queued') + (NEW.state = 'queued'), "
+        f"bytes = bytes - (OLD.state = 'queued') * ({_stored_size('OLD')}) "
+        f"+ (NEW.state = 'queued') * ({_stored_size('NEW')}) WHERE id = 1; END"
+    )
+
+
 MIGRATIONS: tuple[tuple[str, Callable[[sqlite_utils.Database], None]], ...] = (
     ("0001_jobs", _migration_jobs),
     ("0002_outbox", _migration_outbox),
@@ -202,6 +240,7 @@ MIGRATIONS: tuple[tuple[str, Callable[[sqlite_utils.Database], None]], ...] = (
     ("0006_job_model", _migration_job_model),
     ("0007_outbox_messages", _migration_outbox_messages),
     ("0008_sync_state", _migration_sync_state),
+    ("0009_queue_totals", _migration_queue_totals),
 )
 
 

@@ -208,5 +208,6 @@ class Outbox:
         """Until :meth:`wake` or ``timeout_s`` passes; messages added inside other
         transactions (a job's result) are found by the next look either way."""
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._changed.wait(), timeout_s)
+            async with asyncio.timeout(timeout_s):  # not wait_for: it can swallow a cancel
+                await self._changed.wait()
         self._changed.clear()

@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from edgelm_agent.errors import EdgelmError, InvalidRequest, RequestError
+from edgelm_agent.errors import EdgelmError, InvalidRequest, RequestError, shown
 from edgelm_agent.jobs import outbox
 from edgelm_agent.jobs.lifecycle import (
     FINAL,
@@ -42,6 +42,39 @@ class IdempotencyKeyReused(RequestError):
     """The IETF Idempotency-Key draft's answer to a key replayed with another payload."""
 
     code = "idempotency_key_reused"
+
+
+class JobQueueFull(RequestError):
+    """The waiting jobs are at one of the queue's caps; the message names which."""
+
+    code = "job_queue_full"
+
+
+@dataclass(frozen=True)
+class QueueLimits:
+    """How much may wait in the queue: jobs, and the bytes of their requests and metadata.
+    Any local user can submit jobs; without these, they could fill the disk, and a page of
+    ``GET /v1/jobs`` the memory."""
+
+    max_jobs: int = 10_000
+    max_bytes: int = 256 << 20
+
+
+def stored_bytes(request: str, metadata: str | None) -> int:
+    """The bytes a job holds in the queue: its stored request and metadata, as UTF-8 (the
+    database's running total counts the same, see database.py)."""
+    return len(request.encode()) + (len(metadata.encode()) if metadata is not None else 0)
+
+
+def queued_totals(conn: sqlite3.Connection) -> tuple[int, int]:
+    """(jobs, bytes) waiting in the queue now."""
+    jobs, size = conn.execute("SELECT jobs, bytes FROM job_queue_totals WHERE id = 1").fetchone()
+    return int(jobs), int(size)
+
+
+def _as_json(value: Any) -> str:
+    """JSON as stored: UTF-8 text as itself, not as six-byte ``\\uXXXX`` escapes."""
+    return json.dumps(value, ensure_ascii=False)
 
 
 @dataclass(frozen=True)
@@ -94,6 +127,36 @@ def spec_of_row(row: sqlite3.Row) -> JobSpec:
     )
 
 
+#: What a listed job carries: everything but its request and result, which can be megabytes
+#: each; ``GET /v1/jobs/{id}`` shows them.
+_SUMMARY_COLUMNS = (
+    "seq, id, state, kind, priority, model, idempotency_key, metadata, report, attempts, "
+    "max_attempts, created_at, updated_at, started_at, finished_at, deadline, error"
+)
+
+
+def _job_summary(row: sqlite3.Row) -> dict[str, Any]:
+    return {
+        "id": row["id"],
+        "object": "job",
+        "state": row["state"],
+        "kind": row["kind"],
+        "model": row["model"],
+        "priority": row["priority"],
+        "idempotency_key": row["idempotency_key"],
+        "metadata": json.loads(row["metadata"]) if row["metadata"] else None,
+        "report": row["report"],
+        "attempts": row["attempts"],
+        "max_attempts": row["max_attempts"],
+        "created_at": row["created_at"],
+        "updated_at": row["updated_at"],
+        "started_at": row["started_at"],
+        "finished_at": row["finished_at"],
+        "deadline": row["deadline"],
+        "error": json.loads(row["error"]) if row["error"] else None,
+    }
+
+
 def _job_view(row: sqlite3.Row) -> dict[str, Any]:
     return {
         "id": row["id"],
@@ -132,7 +195,7 @@ def _position(conn: sqlite3.Connection, row: sqlite3.Row) -> int | None:
 def _row(conn: sqlite3.Connection, job_id: str) -> sqlite3.Row:
     row = conn.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
     if row is None:
-        raise JobNotFound(f"no job {job_id!r}", param="id")
+        raise JobNotFound(f"no job {shown(job_id)}", param="id")
     return row  # type: ignore[no-any-return]
 
 
@@ -154,11 +217,17 @@ def _transition(
     return _row(conn, row["id"])
 
 
-def submit(spec: JobSpec, limits: OutboxLimits | None = None) -> Any:
-    """Store a new job (or find the one its idempotency key names). An upstream job is
-    refused while the outbox is full, checked in the same transaction that stores it."""
+def submit(
+    spec: JobSpec, limits: OutboxLimits | None = None, queue: QueueLimits | None = None
+) -> Any:
+    """Store a new job (or find the one its idempotency key names). A job past the queue's
+    caps is refused, and an upstream job while the outbox is full, both checked in the same
+    transaction that stores it."""
     fingerprint = spec.fingerprint()
     limits = limits or OutboxLimits()
+    queue = queue or QueueLimits()
+    request = _as_json(spec.request)
+    metadata = _as_json(spec.metadata) if spec.metadata is not None else None
 
     def op(conn: sqlite3.Connection) -> tuple[dict[str, Any], bool]:
         if spec.idempotency_key is not None:
@@ -173,6 +242,7 @@ def submit(spec: JobSpec, limits: OutboxLimits | None = None) -> Any:
                         param="idempotency_key",
                     )
                 return _job_view(existing), False
+        _check_room(conn, queue, stored_bytes(request, metadata))
         if spec.report == "upstream" and not outbox.has_room(conn, limits):
             raise OutboxFullForJobs(
                 "the outbox for headquarters is full; upstream jobs are refused until the "
@@ -188,9 +258,9 @@ def submit(spec: JobSpec, limits: OutboxLimits | None = None) -> Any:
                 job_id,
                 spec.kind,
                 spec.priority,
-                json.dumps(spec.request),
+                request,
                 spec.idempotency_key,
-                json.dumps(spec.metadata) if spec.metadata is not None else None,
+                metadata,
                 spec.report,
                 spec.max_attempts,
                 now,
@@ -203,6 +273,20 @@ def submit(spec: JobSpec, limits: OutboxLimits | None = None) -> Any:
         return _job_view(_row(conn, job_id)), True
 
     return op
+
+
+def _check_room(conn: sqlite3.Connection, queue: QueueLimits, size: int) -> None:
+    waiting, held = queued_totals(conn)
+    if waiting >= queue.max_jobs:
+        raise JobQueueFull(
+            f"{waiting} jobs are waiting, as many as the queue holds (max_queued_jobs = "
+            f"{queue.max_jobs}); submit again once some have run, or cancel some"
+        )
+    if held + size > queue.max_bytes:
+        raise JobQueueFull(
+            f"the waiting jobs hold {held} bytes, and this one ({size} bytes) would pass "
+            f"max_queued_job_bytes ({queue.max_bytes}); submit again once some have run"
+        )
 
 
 def position(job_id: str) -> Any:
@@ -228,11 +312,12 @@ def get(job_id: str) -> Any:
 def list_jobs(state: str | None, limit: int, cursor: int | None) -> Any:
     if state is not None and state not in set(JobState):
         raise InvalidRequest(
-            f"unknown state {state!r}; one of {', '.join(s.value for s in JobState)}", param="state"
+            f"unknown state {shown(state)}; one of {', '.join(s.value for s in JobState)}",
+            param="state",
         )
 
     def op(conn: sqlite3.Connection) -> tuple[list[dict[str, Any]], int | None]:
-        sql = "SELECT * FROM jobs WHERE seq > ?"
+        sql = f"SELECT {_SUMMARY_COLUMNS} FROM jobs WHERE seq > ?"  # noqa: S608  # our columns
         args: list[Any] = [cursor or 0]
         if state is not None:
             sql += " AND state = ?"
@@ -240,7 +325,7 @@ def list_jobs(state: str | None, limit: int, cursor: int | None) -> Any:
         rows = conn.execute(sql + " ORDER BY seq LIMIT ?", (*args, limit + 1)).fetchall()
         more = len(rows) > limit
         rows = rows[:limit]
-        return [_job_view(r) for r in rows], (rows[-1]["seq"] if more and rows else None)
+        return [_job_summary(r) for r in rows], (rows[-1]["seq"] if more and rows else None)
 
     return op
 
@@ -338,7 +423,7 @@ def succeed(job: dict[str, Any], result: dict[str, Any]) -> Any:
         row = _row(conn, job["id"])
         if row["state"] != JobState.RUNNING or row["attempts"] != job["attempts"]:
             return False  # cancelled meanwhile, or a stale attempt
-        after = _transition(conn, row, JobEvent.SUCCEED, result=json.dumps(result))
+        after = _transition(conn, row, JobEvent.SUCCEED, result=_as_json(result))
         _report_if_final(conn, after, {"result": result})
         return True
 
@@ -354,7 +439,7 @@ def fail(job: dict[str, Any], error: dict[str, Any], *, transient: bool) -> Any:
             event = JobEvent.FAIL_PERMANENT
         else:
             event = failure_event(row["attempts"], row["max_attempts"])
-        extra: dict[str, Any] = {"error": json.dumps(error)}
+        extra: dict[str, Any] = {"error": _as_json(error)}
         if event == JobEvent.RETRY:
             extra["not_before"] = time.time() + backoff_s(row["attempts"])
         after = _transition(conn, row, event, **extra)

@@ -8,16 +8,18 @@ time), with the same parser the endpoint uses.
 from __future__ import annotations
 
 import json
-import math
 from typing import Any
 
-from edgelm_agent.errors import InvalidRequest
-from edgelm_agent.generation.openai_schema import parse_chat, parse_completion
+from edgelm_agent.errors import InvalidRequest, shown
+from edgelm_agent.generation.openai_schema import finite_number, parse_chat, parse_completion
 from edgelm_agent.generation.prepare import kind_of
 from edgelm_agent.jobs import store
 
 MAX_METADATA_BYTES = 16 << 10
 MAX_KEY_CHARS = 128
+#: A job may wait up to ten years; a deadline past the year 9999 is no date at all.
+MAX_TTL_S = 10 * 366 * 86400.0
+MAX_DEADLINE = 253_402_300_799.0  # 9999-12-31T23:59:59Z
 
 
 def parse_job(body: dict[str, Any], now: float) -> store.JobSpec:
@@ -33,7 +35,10 @@ def parse_job(body: dict[str, Any], now: float) -> store.JobSpec:
     (parse_chat if kind == "chat" else parse_completion)(request)  # 400 now, not at run time
     priority = body.get("priority", 0)
     if isinstance(priority, bool) or not isinstance(priority, int) or not -100 <= priority <= 100:
-        raise InvalidRequest("'priority' must be an integer from -100 to 100", param="priority")
+        raise InvalidRequest(
+            f"'priority' must be an integer from -100 to 100, got {shown(priority)}",
+            param="priority",
+        )
     deadline = _deadline(body, now)
     key = body.get("idempotency_key")
     if key is not None and (not isinstance(key, str) or not 0 < len(key) <= MAX_KEY_CHARS):
@@ -56,7 +61,10 @@ def parse_job(body: dict[str, Any], now: float) -> store.JobSpec:
         raise InvalidRequest("'wait_for_model' must be true or false", param="wait_for_model")
     attempts = body.get("max_attempts", 3)
     if isinstance(attempts, bool) or not isinstance(attempts, int) or not 1 <= attempts <= 10:
-        raise InvalidRequest("'max_attempts' must be an integer from 1 to 10", param="max_attempts")
+        raise InvalidRequest(
+            f"'max_attempts' must be an integer from 1 to 10, got {shown(attempts)}",
+            param="max_attempts",
+        )
     return store.JobSpec(
         kind=kind,
         request=request,
@@ -80,18 +88,22 @@ def _deadline(body: dict[str, Any], now: float) -> float | None:
     ttl, deadline = body.get("ttl_s"), body.get("deadline")
     if ttl is not None and deadline is not None:
         raise InvalidRequest("give 'ttl_s' or 'deadline', not both", param="ttl_s")
-    for name, value in (("ttl_s", ttl), ("deadline", deadline)):
-        if value is not None and (
-            isinstance(value, bool)
-            or not isinstance(value, int | float)
-            or not math.isfinite(value)
-            or value <= 0
-        ):
-            raise InvalidRequest(f"{name!r} must be a positive number", param=name)
     if ttl is not None:
-        return now + float(ttl)
+        seconds = finite_number(ttl)
+        if seconds is None or not 0 < seconds <= MAX_TTL_S:
+            raise InvalidRequest(
+                f"'ttl_s' must be a number of seconds from 0 to {MAX_TTL_S:.0f}, got {shown(ttl)}",
+                param="ttl_s",
+            )
+        return now + seconds
     if deadline is not None:
-        if deadline <= now:
+        when = finite_number(deadline)
+        if when is None or not 0 < when <= MAX_DEADLINE:
+            raise InvalidRequest(
+                f"'deadline' must be a Unix time before the year 10000, got {shown(deadline)}",
+                param="deadline",
+            )
+        if when <= now:
             raise InvalidRequest("'deadline' is in the past", param="deadline")
-        return float(deadline)
+        return when
     return None

@@ -31,7 +31,7 @@ from edgelm_agent.inference.types import Finished, TextDelta
 from edgelm_agent.jobs import store
 from edgelm_agent.jobs.database import Database
 from edgelm_agent.serving import ModelHost
-from edgelm_agent.valid_unicode import describe, first_invalid_text
+from edgelm_agent.valid_unicode import first_invalid_text
 
 log = structlog.get_logger(__name__)
 
@@ -118,8 +118,11 @@ class JobWorker:
         active = self.host.active
         due = await self.db.read(store.next_due(active.model_id)) if active is not None else None
         wait_s = self.idle_poll_s if due is None else max(0.0, min(self.idle_poll_s, due - now))
+        # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a cancel that
+        # arrives as the wait ends, and then the worker would not stop (CPython gh-86296).
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._wake.wait(), wait_s)
+            async with asyncio.timeout(wait_s):
+                await self._wake.wait()
 
     async def _execute(self, job: dict[str, Any]) -> None:
         job_id = job["id"]
@@ -167,9 +170,9 @@ class JobWorker:
 
     async def _generate(self, job: dict[str, Any]) -> dict[str, Any]:
         request = {**job["request"], "stream": False}
-        invalid = first_invalid_text(request)
+        invalid = first_invalid_text(request, "request")
         if invalid is not None:  # stored before the agent checked this at the door
-            raise InvalidRequest(describe(f"request.{invalid}"), param=f"request.{invalid}")
+            raise InvalidRequest(invalid.message, param=invalid.param)
         prepared = await prepare(request, self.host, kind_of(request))
         model = prepared.model
         generation = prepared.request(job["id"])

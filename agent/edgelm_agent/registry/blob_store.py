@@ -2,7 +2,7 @@
 
 Layout under the registry directory::
 
-    blobs/sha256/<hex>       one file per content hash, mode 0444, never rewritten
+    blobs/sha256/<hex>       one file per content hash, mode 0440, never rewritten
     bundles/<hex>/...        an ONNX folder, materialized as hard links to its member blobs
     staging/                 partial downloads and imports; nothing here is ever loaded
 
@@ -18,6 +18,7 @@ import contextlib
 import hashlib
 import os
 import shutil
+import threading
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager
@@ -25,10 +26,11 @@ from pathlib import Path
 from typing import BinaryIO
 
 from edgelm_agent.registry.bundle import BundleFile
-from edgelm_agent.registry.errors import InsufficientSpace, TargetMismatch
+from edgelm_agent.registry.errors import Cancelled, InsufficientSpace, TargetMismatch
 from edgelm_protocol.repository.atomic_file import fsync_dir
 
 CHUNK_BYTES = 4 << 20
+BLOB_MODE = 0o440  # read-only, for the agent and its group: the state tree is theirs alone
 Progress = Callable[[int], None]  # called with the bytes just processed
 
 
@@ -36,14 +38,26 @@ def _no_progress(n: int) -> None:
     pass
 
 
-def hash_file(path: Path, progress: Progress = _no_progress) -> tuple[str, int]:
+def check_cancel(cancel: threading.Event | None, what: str) -> None:
+    """Raise :class:`Cancelled` if ``cancel`` is set: called between chunks, so long work
+    (hashing or copying gigabytes) stops within one chunk of being asked to."""
+    if cancel is not None and cancel.is_set():
+        raise Cancelled(f"{what} was cancelled")
+
+
+def hash_file(
+    path: Path, progress: Progress = _no_progress, cancel: threading.Event | None = None
+) -> tuple[str, int]:
     """sha256 and length of a file, at disk speed (see :func:`hash_stream`)."""
     with open(path, "rb", buffering=0) as f:
-        return hash_stream(f, progress)
+        return hash_stream(f, progress, cancel)
 
 
-def hash_stream(f: BinaryIO, progress: Progress = _no_progress) -> tuple[str, int]:
-    """sha256 and length of an open, unbuffered binary file.
+def hash_stream(
+    f: BinaryIO, progress: Progress = _no_progress, cancel: threading.Event | None = None
+) -> tuple[str, int]:
+    """sha256 and length of an open, unbuffered binary file; ``cancel`` stops it between
+    chunks.
 
     The next chunk is read in a helper thread while this one is hashed; both release the GIL,
     so reading and hashing overlap instead of taking turns (one thread alternating between them
@@ -56,6 +70,7 @@ def hash_stream(f: BinaryIO, progress: Progress = _no_progress) -> tuple[str, in
             os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)
         pending = reader.submit(f.read, CHUNK_BYTES)
         while chunk := pending.result():
+            check_cancel(cancel, "hashing")
             pending = reader.submit(f.read, CHUNK_BYTES)
             digest.update(chunk)
             length += len(chunk)
@@ -86,11 +101,17 @@ class BlobStore:
         except FileNotFoundError:
             return False
 
-    def verify(self, sha256: str, length: int, progress: Progress = _no_progress) -> Path:
+    def verify(
+        self,
+        sha256: str,
+        length: int,
+        progress: Progress = _no_progress,
+        cancel: threading.Event | None = None,
+    ) -> Path:
         path = self.blob_path(sha256)
         if not path.exists():
             raise TargetMismatch(f"blob {sha256[:16]}… is missing from the store")
-        actual, actual_length = hash_file(path, progress)
+        actual, actual_length = hash_file(path, progress, cancel)
         if actual_length != length:
             raise TargetMismatch(
                 f"blob {sha256[:16]}… is {actual_length} bytes, signed length is {length}"
@@ -111,14 +132,21 @@ class BlobStore:
                 path=str(self.root),
             )
 
-    def commit(self, staged: Path, sha256: str, length: int) -> Path:
+    def stored_sizes(self) -> set[int]:
+        """The sizes of the blobs in the store: a cheap hint of what an import may find
+        already stored, before it has hashed anything."""
+        return {self.size_of(digest) for digest in self.blob_digests()}
+
+    def commit(
+        self, staged: Path, sha256: str, length: int, cancel: threading.Event | None = None
+    ) -> Path:
         """Move a complete, checked staging file to its content address, read-only."""
-        actual, actual_length = hash_file(staged)
+        actual, actual_length = hash_file(staged, cancel=cancel)
         if actual != sha256 or actual_length != length:
             staged.unlink(missing_ok=True)
             raise TargetMismatch(f"staged file {staged.name} does not match {sha256[:16]}…")
         final = self.blob_path(sha256)
-        os.chmod(staged, 0o444)
+        os.chmod(staged, BLOB_MODE)
         with open(staged, "rb") as f:
             os.fsync(f.fileno())
         if final.exists():  # same content already stored: keep the existing inode
@@ -134,8 +162,10 @@ class BlobStore:
         label: str,
         expected: tuple[str, int],
         progress: Progress = _no_progress,
+        cancel: threading.Event | None = None,
     ) -> tuple[str, int]:
-        """Copy a source the caller has already hashed to ``expected`` (sha256, length).
+        """Copy a source the caller has already hashed to ``expected`` (sha256, length);
+        ``cancel`` stops it between chunks.
 
         Content already stored is not copied again (an agent started with the same
         ``--model`` at every boot does this each time). The copy is checked against
@@ -151,9 +181,10 @@ class BlobStore:
         try:
             with opener() as src, open(staged, "wb") as out:
                 while chunk := src.read(CHUNK_BYTES):
+                    check_cancel(cancel, f"copying {label}")
                     out.write(chunk)
                     progress(len(chunk))
-            self.commit(staged, sha256, length)
+            self.commit(staged, sha256, length, cancel)
         finally:
             staged.unlink(missing_ok=True)
         return sha256, length

@@ -12,7 +12,8 @@
     │   ├── InvalidModelMetadata     a target without the custom fields the agent needs
     │   └── MetadataTooLarge         metadata over its size limit (endless-data attack)
     ├── DownloadError            the transport failed on every mirror
-    ├── InstallCancelled         a download was cancelled (a newer desired state); resumable
+    ├── Cancelled                work stopped part-way: its caller went away, or the agent stops
+    │   └── InstallCancelled         a download was cancelled (a newer desired state); resumable
     ├── InsufficientSpace        not enough free disk for the model plus the margin
     ├── ModelNotInstalled        the caller named a model this device does not have
     ├── UnsafeSource             an import names a link, a special file, or such inside a folder
@@ -71,7 +72,14 @@ class DownloadError(RegistryError):
     code = "download_failed"
 
 
-class InstallCancelled(RegistryError):
+class Cancelled(RegistryError):
+    """An import, a hash or a download stopped at a chunk boundary because it was asked to;
+    nothing of it was kept but a resumable partial download."""
+
+    code = "cancelled"
+
+
+class InstallCancelled(Cancelled):
     code = "install_cancelled"
 
 

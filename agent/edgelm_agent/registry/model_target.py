@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from edgelm_agent.inference.types import MAX_CONTEXT_LENGTH
 from edgelm_agent.registry.errors import InvalidModelMetadata, TargetMismatch, UnsafeTargetPath
 from edgelm_protocol import errors as protocol_errors
 from edgelm_protocol import targets as schema
@@ -85,9 +86,17 @@ def parse_model_target(
     min_context_length: int = MIN_CONTEXT_LENGTH,
 ) -> ModelTarget:
     with translated():
-        return schema.parse_model_target(
+        target = schema.parse_model_target(
             path, length, hashes, custom, min_context_length=min_context_length
         )
+    # The schema has no upper bound (yet); a context this large is a mistake or an attack on
+    # the device's memory, so the agent refuses it before anything is installed.
+    if target.context_length > MAX_CONTEXT_LENGTH:
+        raise InvalidModelMetadata(
+            f"target {path!r}: context_length must be at most {MAX_CONTEXT_LENGTH}, "
+            f"got {target.context_length}"
+        )
+    return target
 
 
 def model_target_from_dict(data: dict[str, Any]) -> ModelTarget:

@@ -33,11 +33,12 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from edgelm_agent.inference.types import MIN_CONTEXT_LENGTH
+from edgelm_agent.inference.types import MAX_CONTEXT_LENGTH, MIN_CONTEXT_LENGTH
 from edgelm_agent.registry.blob_store import BlobStore, hash_stream
 from edgelm_agent.registry.bundle import BundleFile, build_manifest, parse_manifest
 from edgelm_agent.registry.clock import LastKnownGoodClock
 from edgelm_agent.registry.errors import (
+    Cancelled,
     InvalidModelMetadata,
     ModelNotInstalled,
     RegistryBusy,
@@ -276,9 +277,14 @@ class Registry:
     # --- installing ----------------------------------------------------------------------------
 
     def install(
-        self, name: str, version: str | None = None, progress: Progress = _no_progress
+        self,
+        name: str,
+        version: str | None = None,
+        progress: Progress = _no_progress,
+        cancel: threading.Event | None = None,
     ) -> ModelTarget:
-        """Fetch, verify and record a model from the trusted repository (newest if no version)."""
+        """Fetch, verify and record a model from the trusted repository (newest if no version);
+        ``cancel`` stops a download, keeping its partial file to resume."""
         trust = self.trust()
         offered = trust.refresh()
         candidates = [
@@ -295,7 +301,7 @@ class Registry:
             candidates.sort(key=lambda p: version_key(p.split("/")[2]))
         path = candidates[-1]
         target = offered.get(path) or trust.target(path)  # the latter raises the precise error
-        return self._install(target, progress, None, None)
+        return self._install(target, progress, cancel, None)
 
     def install_target(
         self,
@@ -426,10 +432,13 @@ class Registry:
 
     @staticmethod
     def _hash_member(
-        tree: ImportSource, member: str, progress: Callable[[int], None]
+        tree: ImportSource,
+        member: str,
+        progress: Callable[[int], None],
+        cancel: threading.Event | None,
     ) -> tuple[str, int]:
         with tree.open(member) as f:
-            return hash_stream(f, progress)
+            return hash_stream(f, progress, cancel)
 
     def _bundle_members(self, target: ModelTarget) -> list[BundleFile]:
         manifest = self.blobs.blob_path(target.sha256).read_bytes()
@@ -446,23 +455,46 @@ class Registry:
         context_length: int = 4096,
         quantization: str = "unknown",
         progress: Progress = _no_progress,
+        cancel: threading.Event | None = None,
     ) -> ModelTarget:
         """Sign a local GGUF file or ONNX folder into this device's repository, then install it.
 
-        Everything is hashed before anything is copied, so a refused import (a version that
-        exists with other content) leaves nothing behind in the blob store.
+        The source is scanned once and read only through what the scan opened (see
+        import_source.py). Its size is checked against the free disk right after the scan;
+        everything is hashed before anything is copied, so a refused import (a version that
+        exists with other content) leaves nothing behind in the blob store. ``cancel`` stops
+        hashing and copying between chunks.
         """
         if not self.standalone:
             raise RegistryError(
                 "this device trusts a fleet repository; publish models there instead of importing"
             )
-        if context_length < MIN_CONTEXT_LENGTH:
+        if not MIN_CONTEXT_LENGTH <= context_length <= MAX_CONTEXT_LENGTH:
             raise InvalidModelMetadata(
-                f"context length must be at least {MIN_CONTEXT_LENGTH} tokens to hold a "
-                f"health check and a chat, got {context_length}"
+                f"context length must be at least {MIN_CONTEXT_LENGTH} tokens (to hold a "
+                f"health check and a chat) and at most {MAX_CONTEXT_LENGTH}, got {context_length}"
             )
-        tree = ImportSource.scan(source)
         name = check_name(name) if name else name_from_filename(source)
+        version = check_version(version) if version else None
+        with ImportSource.scan(source) as tree:
+            self._crash_point("import.scanned")
+            version = self._sign_import(
+                tree, name, version, context_length, quantization, progress, cancel
+            )
+        return self.install(name, version, progress)
+
+    def _sign_import(
+        self,
+        tree: ImportSource,
+        name: str,
+        version: str | None,
+        context_length: int,
+        quantization: str,
+        progress: Progress,
+        cancel: threading.Event | None,
+    ) -> str:
+        """Hash, check, store and sign the scanned source; return the version signed."""
+        source = tree.root
         fmt = "onnx" if tree.is_folder else "gguf"
         if fmt == "gguf":
             with tree.open(tree.members[0]) as f:
@@ -470,7 +502,14 @@ class Registry:
                     raise InvalidModelMetadata(f"{source} is not a GGUF file")
         elif "genai_config.json" not in tree.members:
             raise InvalidModelMetadata(f"{source} is a folder without genai_config.json")
-        total = sum(tree.size(m) for m in tree.members)
+        total = tree.total_size
+        # Before hashing: an import that cannot fit is refused now, not after reading it
+        # all. Content of a size already stored (the same --model at every boot) is likely
+        # stored already and not counted; the exact check comes before each copy.
+        stored = self.blobs.stored_sizes()
+        self.blobs.ensure_space(
+            sum(tree.size(m) for m in tree.members if tree.size(m) not in stored)
+        )
         done = 0
 
         def on_bytes(n: int) -> None:
@@ -478,8 +517,9 @@ class Registry:
             done += n
             progress("import", done, 2 * total)  # hashing, then copying
 
-        hashed = {m: self._hash_member(tree, m, on_bytes) for m in tree.members}
+        hashed = {m: self._hash_member(tree, m, on_bytes, cancel) for m in tree.members}
         manifest = None
+        members: list[BundleFile] = []
         if fmt == "gguf":
             sha256 = hashed[tree.members[0]][0]
             filename = "model.gguf"
@@ -488,7 +528,7 @@ class Registry:
             manifest = build_manifest(members)
             sha256 = hashlib.sha256(manifest).hexdigest()
             filename = BUNDLE_FILE
-        version = check_version(version) if version else f"sha256-{sha256[:12]}"
+        version = version or f"sha256-{sha256[:12]}"
         signed_path = target_path(name, version, filename)
         writer = self._local_writer()
         same_version = [
@@ -508,9 +548,10 @@ class Registry:
         for relative in tree.members:
             self.blobs.import_stream(
                 functools.partial(tree.open, relative),
-                str(source / relative),
+                str(tree.shown(relative)),
                 hashed[relative],
                 on_bytes,
+                cancel,
             )
         if manifest is not None:
             self.blobs.import_bytes(manifest)
@@ -530,17 +571,16 @@ class Registry:
             }
         }
         if existing is None:
-            if manifest is not None:
-                for member in members:
-                    writer.place_file(
-                        f"models/{name}/{version}/files/{member.sha256}",
-                        self.blobs.blob_path(member.sha256),
-                    )
+            for member in members:
+                writer.place_file(
+                    f"models/{name}/{version}/files/{member.sha256}",
+                    self.blobs.blob_path(member.sha256),
+                )
             self._crash_point("import.blob_stored")
             writer.add_target(signed_path, blob, custom)
             writer.publish()
             self._crash_point("import.published")
-        return self.install(name, version, progress)
+        return version
 
     # --- using installed models ----------------------------------------------------------------
 
@@ -558,16 +598,22 @@ class Registry:
             )
         return named[-1]
 
-    def verified_path(self, target: ModelTarget, progress: Progress = _no_progress) -> Path:
-        """Re-hash the model's blobs against its signed target; return the path to load."""
+    def verified_path(
+        self,
+        target: ModelTarget,
+        progress: Progress = _no_progress,
+        cancel: threading.Event | None = None,
+    ) -> Path:
+        """Re-hash the model's blobs against its signed target; return the path to load.
+        ``cancel`` stops the hashing between chunks."""
         self.blobs.verify(
-            target.sha256, target.length, lambda n: progress("verify", n, target.length)
+            target.sha256, target.length, lambda n: progress("verify", n, target.length), cancel
         )
         if not target.is_bundle:
             return self.blobs.blob_path(target.sha256)
         members = self._bundle_members(target)
         for member in members:
-            self.blobs.verify(member.sha256, member.length)
+            self.blobs.verify(member.sha256, member.length, cancel=cancel)
         folder = self.blobs.materialize_bundle(target.sha256, members)
         for member in members:  # the folder's links must still point at the verified blobs
             if (folder / member.path).stat().st_ino != self.blobs.blob_path(
@@ -577,14 +623,19 @@ class Registry:
         return folder
 
     def verify(
-        self, ref: str | None = None, progress: Progress = _no_progress
+        self,
+        ref: str | None = None,
+        progress: Progress = _no_progress,
+        cancel: threading.Event | None = None,
     ) -> list[VerifyResult]:
         targets = [self.find(ref)] if ref else list(self.state().models.values())
         results = []
         for target in targets:
             try:
-                self.verified_path(target, progress)
+                self.verified_path(target, progress, cancel)
                 results.append(VerifyResult(target.ref, True))
+            except Cancelled:
+                raise  # not a finding about the model
             except RegistryError as exc:
                 results.append(VerifyResult(target.ref, False, str(exc)))
         return results

@@ -2,6 +2,10 @@
 
 A crash (kill -9, power cut) at any point leaves either the old content or the new, never a
 mix, because ``os.replace`` within one directory is atomic and the data is on disk before it.
+
+Files are 0640 unless the caller says otherwise: readable by the owner's group, never by other
+users (the agent's state directory promises that; a file meant for everyone, such as a
+repository's public metadata, asks for 0644 explicitly).
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_atomic(path: Path, data: bytes, *, mode: int = 0o644) -> None:
+def write_atomic(path: Path, data: bytes, *, mode: int = 0o640) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
