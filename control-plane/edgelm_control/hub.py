@@ -70,7 +70,8 @@ class Subscription:
         hub was closed.
         """
         try:
-            notice = await asyncio.wait_for(self._queue.get(), timeout_s)
+            async with asyncio.timeout(timeout_s):  # not wait_for: it can swallow a cancel
+                notice = await self._queue.get()
         except TimeoutError:
             return None
         if notice is None:

@@ -100,7 +100,8 @@ class RolloutWatcher:
                     else self.settings.safety_refresh_s
                 )
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._stale.wait(), wait_s)
+                    async with asyncio.timeout(wait_s):  # not wait_for: it can swallow a cancel
+                        await self._stale.wait()
                 self._stale.clear()
                 snapshot = await self._read()
                 self.show(snapshot, self.mode)

@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 from structlog.testing import capture_logs
 
 from edgelm_protocol.mqtt import (
+    AckTimeout,
     ClientStateError,
     ConnectionInfo,
     ConnectionLost,
@@ -33,6 +34,7 @@ from edgelm_protocol.mqtt import (
     ReconnectBackoff,
     SubscribeRefused,
 )
+from edgelm_protocol.mqtt.link import wait_for_ack
 
 if TYPE_CHECKING:
     from tests.mosquitto import Mosquitto
@@ -293,6 +295,9 @@ class TestSession:
             for n in range(3):
                 await control.publish(JOBS, f"job-{n}".encode())
         async with device(mosquitto.port, hook) as client:
+            # The queued messages may all be read before the hook has run for this
+            # connection; wait for it, or stop() could cancel the connection before it does.
+            await client.wait_connected()
             messages = client.messages()
             payloads = [(await next_message(messages)).payload for _ in range(3)]
         assert [c.session_present for c in hook.connections] == [False, True]
@@ -488,6 +493,27 @@ class TestLifecycle:
         await client.stop()
         await client.stop()
         assert [m async for m in client.messages()] == []
+
+
+class TestWaitForAck:
+    async def test_cancel_arriving_with_the_reply_still_cancels(self):
+        """A cancel in the loop iteration that brings the reply wins; nothing swallows it."""
+        reply: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        waiting = asyncio.create_task(wait_for_ack(reply, "CONNACK", DEADLINE_S))
+        await asyncio.sleep(0)  # it is waiting now
+        reply.set_result("accepted")
+        # stop() cancelling the reconnect loop as the CONNACK lands; Python 3.11's
+        # asyncio.wait_for returned the reply here and the loop ran on, so stop() hung.
+        waiting.cancel()
+        await asyncio.wait([waiting])
+        assert waiting.cancelled()
+
+    async def test_no_reply_raises_ack_timeout_naming_the_packet(self):
+        """Without a reply the wait ends in AckTimeout for that packet; the wait is dropped."""
+        reply: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        with pytest.raises(AckTimeout) as caught:
+            await wait_for_ack(reply, "PUBACK", 0.01)
+        assert (caught.value.packet, reply.cancelled()) == ("PUBACK", True)
 
 
 class TestReconnectBackoff:

@@ -87,7 +87,8 @@ class PahoLink:
         """One attempt: TCP (and TLS) in a worker thread, then CONNECT, then CONNACK.
 
         Raises ``ConnectFailed``, ``ConnectRefused``, ``ConnectionLost`` or ``AckTimeout``;
-        a failed or cancelled attempt leaves no socket behind.
+        a failed attempt, or one cancelled before the broker accepted it, leaves no socket
+        behind. One cancelled after the CONNACK stays up for :meth:`disconnect`.
         """
         self.connection_id += 1
         self.lost.clear()
@@ -95,12 +96,14 @@ class PahoLink:
         self._connack = connack
         try:
             await self._open_socket()
-            try:
-                return await asyncio.wait_for(connack, self.settings.connect_timeout_s)
-            except TimeoutError:
-                raise AckTimeout("CONNACK", self.settings.connect_timeout_s) from None
+            # The loop may have read the CONNACK already, while the worker thread was still
+            # returning: a cancel (stop()) arriving now must still end the attempt.
+            return await wait_for_ack(connack, "CONNACK", self.settings.connect_timeout_s)
         except BaseException:
-            self.abort()
+            # Messages of an accepted connection are delivered (and may be acked) before this
+            # returns. Aborting would drop a queued PUBACK; disconnect() writes it first.
+            if not self.up:
+                self.abort()
             raise
         finally:
             self._connack = None
@@ -130,7 +133,8 @@ class PahoLink:
             reason = ReasonCode(PacketTypes.DISCONNECT, identifier=code)
             if self._paho.disconnect(reasoncode=reason) == MQTTErrorCode.MQTT_ERR_SUCCESS:
                 try:
-                    await asyncio.wait_for(self.lost.wait(), self.settings.operation_timeout_s)
+                    async with asyncio.timeout(self.settings.operation_timeout_s):
+                        await self.lost.wait()  # not wait_for: see wait_for_ack
                 except TimeoutError:
                     log.warning(
                         "mqtt_disconnect_timeout",
@@ -168,7 +172,7 @@ class PahoLink:
             return
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         with _awaiting(self._pending_publishes, info.mid, (topic, done)):
-            await _wait_for_ack(done, "PUBACK", timeout_s)
+            await wait_for_ack(done, "PUBACK", timeout_s)
 
     async def subscribe(self, pairs: list[tuple[str, int]], timeout_s: float) -> list[ReasonCode]:
         if not self.up:
@@ -182,7 +186,7 @@ class PahoLink:
             raise NotConnected("subscribe")
         done: asyncio.Future[list[ReasonCode]] = asyncio.get_running_loop().create_future()
         with _awaiting(self._pending_subscribes, mid, done):
-            return await _wait_for_ack(done, "SUBACK", timeout_s)
+            return await wait_for_ack(done, "SUBACK", timeout_s)
 
     def ack(self, message: InboundMessage) -> bool:
         if not self.up or message.connection_id != self.connection_id:
@@ -331,9 +335,18 @@ def _awaiting(table: dict[int, _T], mid: int, entry: _T) -> Iterator[None]:
         table.pop(mid, None)
 
 
-async def _wait_for_ack(future: asyncio.Future[_T], packet: str, timeout_s: float) -> _T:
+async def wait_for_ack(future: asyncio.Future[_T], packet: str, timeout_s: float) -> _T:
+    """The broker's reply that ``future`` stands for; ``AckTimeout`` after ``timeout_s``.
+
+    A cancel of the waiting task always wins, even when it arrives in the same loop iteration
+    as the reply. Python 3.11's ``asyncio.wait_for`` returns the reply then and swallows the
+    cancel (CPython gh-86296; 3.12 rebuilt it on ``asyncio.timeout``, as this is): the
+    reconnect loop, cancelled by ``stop()`` just as a CONNACK came in, went on running, and
+    ``stop()`` waited for it for ever.
+    """
     try:
-        return await asyncio.wait_for(future, timeout_s)
+        async with asyncio.timeout(timeout_s):
+            return await future
     except TimeoutError:
         raise AckTimeout(packet, timeout_s) from None
 
