@@ -80,6 +80,14 @@ class ServingModel:
     def model_id(self) -> str:
         return self.backend.info.model_id
 
+    @property
+    def names(self) -> tuple[str, ...]:
+        """What a request may call this model: its name, or ``name@version`` to insist on
+        the version (a fleet job for ``tiny@2.0`` waits until 2.0 is the one serving)."""
+        if not self.version:
+            return (self.model_id,)
+        return (self.model_id, f"{self.model_id}@{self.version}")
+
     def chat_prompt(self, messages: Sequence[ChatMessage]) -> list[int]:
         if self._template is None:
             raise InvalidRequest(
@@ -168,7 +176,7 @@ class ModelHost:
     def find(self, model_id: str) -> ServingModel:
         """The model with this id, or ModelNotFound naming the ones there are."""
         for model in self.models():
-            if model.model_id == model_id:
+            if model_id in model.names:
                 return model
         raise ModelNotFound(model_id, [m.model_id for m in self.models()])
 

@@ -26,6 +26,9 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     ),
 }
 
+# The extra that provides a group's third-party packages, for the hint when one is missing.
+EXTRAS: dict[str, str] = {"control": "control", "fleet": "control", "provision": "control"}
+
 
 class LazyGroup(SuggestingGroup):
     def list_commands(self, ctx: click.Context) -> list[str]:
@@ -37,11 +40,16 @@ class LazyGroup(SuggestingGroup):
         module_name, attribute, _ = COMMANDS[cmd_name]
         try:
             module = importlib.import_module(module_name)
-        except ImportError as exc:  # an extra that is not installed on this machine
+        except ModuleNotFoundError as exc:
+            # Only a missing third-party package is an extra that is not installed; a broken
+            # import inside edgelm itself is a bug and keeps its traceback.
+            if exc.name is None or exc.name.split(".")[0].startswith("edgelm"):
+                raise
+            extra = EXTRAS.get(cmd_name)
             raise DiagnosticError(
                 "command-unavailable",
-                f"`edgelm {cmd_name}` cannot run here: {exc}",
-                hint="install the extra it needs, e.g. pip install 'edgelm[control]'",
+                f"`edgelm {cmd_name}` cannot run here: the package {exc.name!r} is not installed",
+                hint=f"pip install 'edgelm[{extra}]'" if extra else "reinstall edgelm",
             ) from exc
         command = getattr(module, attribute)
         assert isinstance(command, click.Command)

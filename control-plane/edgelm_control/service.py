@@ -131,6 +131,7 @@ class ControlService:
                 clock=clock,
                 hub=hub,
                 tick_s=config.engine_tick_s,
+                sees_fleet=lambda: link.connected,
             )
             jobs = RemoteJobs(
                 fleet=config.fleet,

@@ -91,6 +91,12 @@ def rollouts() -> None:
     type=Duration(),
     help="An offline device still pending this long expires (e.g. 7d). [server default: 7d]",
 )
+@click.option(
+    "--pause-between-waves",
+    is_flag=True,
+    default=None,
+    help="Pause after each wave that passes; `rollouts resume` starts the next one.",
+)
 @connection_options
 def create_cmd(
     model: str,
@@ -106,6 +112,7 @@ def create_cmd(
     health_margin: float | None,
     device_timeout: int | None,
     pending_expiry: int | None,
+    pause_between_waves: bool | None,
     control: str | None,
     token: str | None,
     fleet_dir: Path | None,
@@ -129,6 +136,7 @@ def create_cmd(
         "health_margin": health_margin,
         "device_timeout_s": device_timeout,
         "pending_expiry_s": pending_expiry,
+        "pause_between_waves": pause_between_waves,
     }
     body.update({k: v for k, v in optional.items() if v is not None})
     operator = Operator.connect(control=control, token=token, fleet_dir=fleet_dir, as_json=as_json)

@@ -155,6 +155,19 @@ class TestErrors:
             client.chat.completions.create(model="nope", messages=HELLO)
         assert error_body(info.value)["code"] == "model_not_found"
 
+    def test_a_model_named_with_its_version_is_the_same_model(self, client, model_id, served):
+        """``name@version`` of the model serving answers like ``name``; another version of
+        it is a 404 naming what there is (the agent never serves a version it does not run)."""
+        agent, _ = served
+        _, registry = agent.request("GET", "/v1/registry/models")
+        active = registry["active"]
+        assert active.startswith(f"{model_id}@")
+        reply = client.completions.create(model=active, prompt="hi", max_tokens=2)
+        assert reply.choices[0].text is not None
+        with pytest.raises(openai.NotFoundError) as info:
+            client.completions.create(model=f"{model_id}@0.0.0-other", prompt="hi", max_tokens=2)
+        assert error_body(info.value)["code"] == "model_not_found"
+
     def test_context_overflow_is_400(self, client, model_id):
         """prompt + max_tokens beyond the context gives 400 context_length_exceeded."""
         with pytest.raises(openai.BadRequestError) as info:

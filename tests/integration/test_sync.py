@@ -149,6 +149,19 @@ class TestEnrollment:
         assert enroll(state, path).returncode == 1
         assert not (state / "fleet").exists()
 
+    async def test_a_new_device_reports_its_class_and_labels_as_soon_as_it_connects(
+        self, fleet: Fleet, control: Counterpart
+    ):
+        """Rollouts select on the class and labels in the retained state, so the state must be
+        there from the first connection, before the device has done anything else."""
+        fleet.agent()
+        state = await control.wait_for(
+            lambda: last_state(control, "kiosk-1"), "the first reported state"
+        )
+        assert state.hardware_class == "x86"
+        assert dict(state.labels) == {"site": "test"}
+        assert state.active is None
+
 
 class TestDesiredState:
     async def test_a_desired_state_installs_activates_and_reports_each_step(
@@ -296,6 +309,27 @@ class TestRemoteJobs:
         jobs = agent.request("GET", "/v1/jobs?limit=500")[1]["data"]
         assert len(jobs) == 1
         assert jobs[0]["idempotency_key"] == f"fleet:{envelope.id}"
+
+    async def test_a_job_past_the_queue_cap_is_refused_and_reported(
+        self, fleet: Fleet, control: Counterpart
+    ):
+        """max_queued_jobs holds for fleet jobs too: past it, a job is refused with
+        job_queue_full in its result (not left unacknowledged to come back for ever)."""
+        agent = fleet.agent(env={"EDGELM_MAX_QUEUED_JOBS": "1"})
+        request: dict[str, Any] = {"model": "absent", "prompt": "hi", "max_tokens": 2}
+        first = await control.job("kiosk-1", request, wait_for_model=True)
+        await control.wait_for(
+            lambda: agent.request("GET", "/v1/jobs?limit=500")[1]["data"], "the first job"
+        )
+        second = await control.job("kiosk-1", request, wait_for_model=True)
+        results = await control.wait_for(lambda: control.results("kiosk-1", second), "the refusal")
+        _, body = results[0]
+        assert body.state == "failed"
+        assert body.error is not None
+        assert body.error.code == "job_queue_full"
+        assert not control.results("kiosk-1", first)  # still waiting for its model
+        jobs = agent.request("GET", "/v1/jobs?limit=500")[1]["data"]
+        assert len(jobs) == 1
 
 
 class TestResilience:

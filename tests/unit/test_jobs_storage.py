@@ -6,6 +6,7 @@ import json
 import sqlite3
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -248,3 +249,25 @@ class TestListedJobs:
         )
         assert "漢字" in row["request"]
         assert "é" in row["metadata"]
+
+
+class TestClaimByName:
+    def test_a_job_for_name_at_version_runs_on_that_version_only(self, db):
+        """``tiny`` and ``tiny@1.0`` are one model while 1.0 serves: the worker claims both
+        queues in priority then arrival order; a job for ``tiny@2.0`` waits for 2.0."""
+
+        def job(model: str, priority: int = 0) -> str:
+            request = {"model": model, "prompt": "hi", "max_tokens": 1}
+            submitted = store.JobSpec(kind="completion", request=request, priority=priority)
+            return str(db.run_sync(store.submit(submitted))[0]["id"])
+
+        plain = job("tiny")
+        pinned = job("tiny@1.0")
+        urgent = job("tiny@1.0", priority=5)
+        later = job("tiny@2.0")
+        names = ("tiny", "tiny@1.0")
+        claimed = [db.run_sync(store.claim(time.time(), names)) for _ in range(4)]
+        assert [c["id"] if c else None for c in claimed] == [urgent, plain, pinned, None]
+        assert db.run_sync(store.next_due(names)) is None
+        assert db.run_sync(store.next_due(("tiny", "tiny@2.0"))) is not None
+        assert db.run_sync(store.claim(time.time(), ("tiny", "tiny@2.0")))["id"] == later

@@ -14,6 +14,7 @@ import json
 import secrets
 import sqlite3
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -371,22 +372,29 @@ def expire(now: float) -> Any:
     return op
 
 
-def claim(now: float, model: str) -> Any:
-    """Expire what is past its deadline, then start the most urgent due job for ``model``."""
+def claim(now: float, names: str | Sequence[str]) -> Any:
+    """Expire what is past its deadline, then start the most urgent due job for the model
+    that ``names`` name (``tiny`` and ``tiny@1.0`` are one model: see ``ServingModel``)."""
+    models = (names,) if isinstance(names, str) else tuple(names)
 
     def op(conn: sqlite3.Connection) -> dict[str, Any] | None:
         _expire_overdue(conn, now)
         while True:
-            # Walk this model's queue in its own order and stop at the first job that is due.
+            # Walk each name's queue in its own order and stop at the first job that is due.
             # Left to itself, the planner picks the not_before index and sorts every due job
-            # instead, which costs milliseconds with thousands queued.
-            row = conn.execute(
-                "SELECT * FROM jobs INDEXED BY idx_jobs_model_queue WHERE state = 'queued' "
-                "AND model = ? AND not_before <= ? ORDER BY priority DESC, seq LIMIT 1",
-                (model, now),
-            ).fetchone()
-            if row is None:
+            # instead, which costs milliseconds with thousands queued. The best head wins.
+            heads = [
+                conn.execute(
+                    "SELECT * FROM jobs INDEXED BY idx_jobs_model_queue WHERE state = 'queued' "
+                    "AND model = ? AND not_before <= ? ORDER BY priority DESC, seq LIMIT 1",
+                    (model, now),
+                ).fetchone()
+                for model in models
+            ]
+            found = [head for head in heads if head is not None]
+            if not found:
                 return None
+            row = min(found, key=lambda head: (-head["priority"], head["seq"]))
             started = _transition(
                 conn, row, JobEvent.START, attempts=row["attempts"] + 1, started_at=now
             )
@@ -402,16 +410,22 @@ def claim(now: float, model: str) -> Any:
     return op
 
 
-def next_due(model: str) -> Any:
-    """When the next job for ``model`` becomes due (a retry backing off), if any is queued."""
+def next_due(names: str | Sequence[str]) -> Any:
+    """When the next job for the model ``names`` name becomes due (a retry backing off), if
+    any is queued."""
+    models = (names,) if isinstance(names, str) else tuple(names)
 
     def op(conn: sqlite3.Connection) -> float | None:
-        (due,) = conn.execute(
-            "SELECT min(not_before) FROM jobs INDEXED BY idx_jobs_model_due "
-            "WHERE state = 'queued' AND model = ?",
-            (model,),
-        ).fetchone()
-        return float(due) if due is not None else None
+        dues = [
+            conn.execute(
+                "SELECT min(not_before) FROM jobs INDEXED BY idx_jobs_model_due "
+                "WHERE state = 'queued' AND model = ?",
+                (model,),
+            ).fetchone()[0]
+            for model in models
+        ]
+        found = [float(due) for due in dues if due is not None]
+        return min(found) if found else None
 
     return op
 

@@ -93,7 +93,7 @@ class JobWorker:
                 await self.db.run(store.expire(time.time()))
                 await self._idle()
                 continue
-            job = await self.db.run(store.claim(time.time(), self.host.active.model_id))
+            job = await self.db.run(store.claim(time.time(), self.host.active.names))
             if job is None:
                 await self._idle()
                 continue
@@ -116,7 +116,7 @@ class JobWorker:
             await self.db.run(store.prune(self.retention_s, self.retention_count))
         self._wake.clear()  # before the query: a wake() during it must not be lost
         active = self.host.active
-        due = await self.db.read(store.next_due(active.model_id)) if active is not None else None
+        due = await self.db.read(store.next_due(active.names)) if active is not None else None
         wait_s = self.idle_poll_s if due is None else max(0.0, min(self.idle_poll_s, due - now))
         # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a cancel that
         # arrives as the wait ends, and then the worker would not stop (CPython gh-86296).

@@ -247,7 +247,8 @@ class SyncService:
                 self.outbox.wake()
                 await self._publish_state()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._registry_changed.wait(), POLL_S * 2)
+                async with asyncio.timeout(POLL_S * 2):  # not wait_for: it can swallow a cancel
+                    await self._registry_changed.wait()
             self._registry_changed.clear()
 
     async def _telemetry(self) -> None:
@@ -313,16 +314,21 @@ class SyncService:
             await self._do(self.session.on_published(action.message))
 
     async def _publish_state(self) -> None:
+        # No `client.connected` check: the first publish happens inside the on-connect hook,
+        # before the client counts as connected. The state is retained and sent again on
+        # every connection, so a publish lost to a dropped link is only logged.
         client = self._client
-        if client is None or not client.connected:
+        if client is None:
             return
         state = await asyncio.to_thread(self.registry.state)
         body = self._reported_state(state)
         payload = encode_envelope(
             new_envelope(body, sender=self.enrollment.device_id, ts_ms=_now_ms())
         )
-        with contextlib.suppress(MqttTransportError, MqttRefused):
+        try:
             await client.publish(self.session.topic(Channel.STATE), payload, qos=1, retain=True)
+        except (MqttTransportError, MqttRefused) as exc:
+            log.info("sync_state_not_published", error=str(exc)[:300])
 
     def _reported_state(self, state: RegistryState) -> ReportedState:
         def ref(key: str | None) -> ModelRef | None:
@@ -385,11 +391,16 @@ class SyncService:
             self.outbox.wake()
             log.info("remote_job_refused", job=action.message_id, error=exc.code)
             return
+        queue = store.QueueLimits(self.config.max_queued_jobs, self.config.max_queued_job_bytes)
         try:
-            view, created = await self.db.run(store.submit(spec, self.outbox.limits))
-        except store.OutboxFullForJobs as exc:
+            view, created = await self.db.run(store.submit(spec, self.outbox.limits, queue))
+        except (store.OutboxFullForJobs, store.JobQueueFull) as exc:
+            # Full now means full for a while: refuse and report it (the operator sees why
+            # in the job's per-device result) rather than leave it to come back unacked.
             await self.db.run(store.refused_remote_job(action.message_id, job.metadata, exc))
             client.ack(action.token)
+            self.outbox.wake()
+            log.info("remote_job_refused", job=action.message_id, error=exc.code)
             return
         except EdgelmError as exc:  # the disk: leave it unacknowledged, it comes again
             log.error("remote_job_not_stored", job=action.message_id, error=str(exc))
@@ -412,8 +423,10 @@ class SyncService:
         if run is None or run.task is None or run.task.done():
             return
         run.cancel.set()
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await asyncio.wait_for(asyncio.shield(run.task), 60)
+        # asyncio.wait neither raises what the run raised nor swallows our own cancellation.
+        _, still = await asyncio.wait({run.task}, timeout=60)
+        if still:
+            log.error("desired_state_run_stuck", sequence=run.state.sequence)
 
     async def _apply(self, run: DesiredRun) -> None:
         state = run.state

@@ -157,7 +157,7 @@ OPERATIONS = (
         "/api/v1/devices",
         register_handler,
         "registerDevice",
-        "Register a device (provisioning calls this); it also appears when it first reports.",
+        "Register a device before its first report, so a rollout can include it (pending).",
         {
             201: Reply("Registered.", ref("Device")),
             200: Reply(

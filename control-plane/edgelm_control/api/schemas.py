@@ -211,6 +211,10 @@ ROLLOUT_REQUEST = obj(
         "health_margin": nullable({"type": "number", "minimum": 0, "exclusiveMaximum": 1}),
         "device_timeout_s": {"type": "integer", "minimum": 1},
         "pending_expiry_s": {"type": "integer", "minimum": 1},
+        "pause_between_waves": {
+            "type": "boolean",
+            "description": "pause after each passed wave but the last; resume starts the next",
+        },
     },
     required=["model", "selector"],
 )

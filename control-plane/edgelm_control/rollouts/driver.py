@@ -20,6 +20,13 @@ exactly where this one stopped and never restarts a wave:
 
 It runs as a service: on a timer (``engine_tick_s``) and whenever the ingest path stores
 events or sees devices change.
+
+**Blind, it judges nothing.** While the control plane's own link to the broker is down it
+cannot hear devices, so their silence says nothing about them: clocks and gates wait (reports
+already stored are still applied). Once the link is back, silence is counted from that moment
+and clocks wait :data:`SETTLE_S` more, so the retained presence and the reports queued in the
+plane's persistent session arrive before any device is called ``timed_out`` or ``expired``.
+A broker outage therefore never fails a wave by itself.
 """
 
 from __future__ import annotations
@@ -27,7 +34,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 import structlog
 from sqlalchemy.exc import InterfaceError, OperationalError
@@ -84,6 +91,12 @@ EVENTS_PER_TRANSACTION = 200
 STORE_FAILURES = (OperationalError, InterfaceError)  # the database, not the event, failed
 STARTED = frozenset({DeviceState.PENDING, DeviceState.DOWNLOADING, DeviceState.ACTIVATING})
 FAILED_REPORTS = frozenset({DeviceEvent.INSTALL_FAILED, DeviceEvent.ACTIVATION_FAILED})
+#: After the link to the broker comes back, clocks wait this long for the backlog to arrive.
+SETTLE_S = 10.0
+
+
+def _always_sees() -> bool:
+    return True
 
 
 def row_facts(row: RowRecord, rollout: RolloutRecord) -> RowFacts:
@@ -106,7 +119,9 @@ class RolloutDriver:
         clock: Clock,
         hub: FleetHub,
         tick_s: float,
+        sees_fleet: Callable[[], bool] = _always_sees,
     ) -> None:
+        """``sees_fleet`` says whether the plane's link to the broker is up right now."""
         self._store = store
         self._actions = actions
         self._engine = engine
@@ -116,6 +131,8 @@ class RolloutDriver:
         self._wake = asyncio.Event()
         self._reported: set[str] = set()  # devices whose state changed since the last step
         self._joining: set[str] = set()  # new devices, or with a new class or labels
+        self._sees_fleet = sees_fleet
+        self._seeing_since_ms: int | None = None  # when the link last came up; None: blind
 
     def wake(self) -> None:
         self._wake.set()
@@ -154,13 +171,26 @@ class RolloutDriver:
 
     async def step(self) -> None:
         changes = Changes()
+        seeing_since_ms = self._watch_sight()
         await self.admit_late_joiners()
         await self.apply_reports(changes)
         await self.apply_state_reports(changes)
-        await self.apply_clocks(changes)
-        await self.advance(changes)
+        if seeing_since_ms is not None:
+            if self._clock.now_ms() - seeing_since_ms >= SETTLE_S * 1000:
+                await self.apply_clocks(changes, seeing_since_ms=seeing_since_ms)
+            await self.advance(changes)
         changes.publish(self._hub)
         await self._actions.director.publish_pending()
+
+    def _watch_sight(self) -> int | None:
+        """When the plane's link to the broker came up (``None`` while it is down)."""
+        if not self._sees_fleet():
+            if self._seeing_since_ms is not None:
+                log.warning("rollouts_blind", reason="the link to the broker is down")
+            self._seeing_since_ms = None
+        elif self._seeing_since_ms is None:
+            self._seeing_since_ms = self._clock.now_ms()
+        return self._seeing_since_ms
 
     # --- 0. late joiners ---------------------------------------------------------------------
 
@@ -283,7 +313,7 @@ class RolloutDriver:
 
     # --- 3. clocks ---------------------------------------------------------------------------
 
-    async def apply_clocks(self, changes: Changes) -> None:
+    async def apply_clocks(self, changes: Changes, *, seeing_since_ms: int = 0) -> None:
         now_ms = self._clock.now_ms()
         async with self._store.write() as conn:
             rows = await rows_in_states(conn, STARTED, rollout_states=ACCEPTS_LATE_JOINERS)
@@ -299,8 +329,12 @@ class RolloutDriver:
                 if rollout is None or device is None:
                     continue
                 pending_since = row.pending_since_ms or row.created_ms
+                # Time the plane could not hear anyone is nobody's silence.
                 silent_since = max(
-                    pending_since, row.last_report_ms or 0, device.online_since_ms or 0
+                    pending_since,
+                    row.last_report_ms or 0,
+                    device.online_since_ms or 0,
+                    seeing_since_ms,
                 )
                 due = due_clock_event(
                     row.state,
@@ -357,6 +391,7 @@ class RolloutDriver:
             recorded=record.verdict,
             gate=gate,
             on_failure=rollout.settings.on_failure,
+            pause_between_waves=rollout.settings.pause_between_waves,
         )
         now_ms = self._clock.now_ms()
         if step.record is not None:
@@ -394,7 +429,9 @@ class RolloutDriver:
     ) -> None:
         state = next_rollout_state(rollout.state, event)
         values: dict[str, object] = {"state": state, "updated_ms": now_ms}
-        if event is RolloutEvent.WAVE_PASSED:
+        if event in (RolloutEvent.WAVE_PASSED, RolloutEvent.WAVE_PASSED_PAUSE):
+            # Paused, the next wave is current but not started: resume starts it
+            # (see _advance_one, which starts an unstarted wave of a running rollout).
             values["current_wave"] = rollout.current_wave + 1
         if state in ENDED:
             values["ended_ms"] = now_ms

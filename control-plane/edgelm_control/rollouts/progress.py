@@ -7,8 +7,8 @@ verdict, records the verdict once, and turns it into a rollout event (:mod:`.rol
 rollout     recorded      gate now             step
 ==========  ============  ===================  =========================================
 running     (none)        running              nothing
-running     (none)        passed               record ``passed``; ``wave_passed`` or
-                                               ``last_wave_passed``
+running     (none)        passed               record ``passed``; ``wave_passed``,
+                                               ``wave_passed_pause`` or ``last_wave_passed``
 paused      (none)        passed               record ``passed``; no event (a pause holds
                                                progress): resume fires it
 running,    (none)        failed               record ``failed``; ``wave_failed`` or
@@ -62,19 +62,21 @@ def wave_step(
     recorded: str | None,
     gate: GateResult | None,
     on_failure: OnFailure,
+    pause_between_waves: bool = False,
 ) -> WaveStep:
     """The step for the current wave (see the module's table)."""
     if state not in (RolloutState.RUNNING, RolloutState.PAUSED):
         return WaveStep()
     running = state is RolloutState.RUNNING
+    passed = wave_passed_event(wave, wave_count, pause_between_waves=pause_between_waves)
     if recorded is None:
         if gate is None or gate.verdict is Verdict.RUNNING:
             return WaveStep()
         if gate.verdict is Verdict.PASSED:
-            return WaveStep(gate, wave_passed_event(wave, wave_count) if running else None)
+            return WaveStep(gate, passed if running else None)
         return WaveStep(gate, wave_failed_event(on_failure))
     if recorded == PASSED and running:
-        return WaveStep(event=wave_passed_event(wave, wave_count))
+        return WaveStep(event=passed)
     if recorded == FAILED:
         return WaveStep(event=wave_failed_event(on_failure))
     return WaveStep()

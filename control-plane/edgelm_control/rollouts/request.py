@@ -5,7 +5,8 @@
     {"model": "smollm2@1.0", "selector": {"labels": {"site": "berlin"}},
      "canary": "10%" | 5,  or  "waves": "1,10,rest",
      "success_threshold": 1.0, "failure_threshold": 0.2, "on_failure": "pause",
-     "health_margin": 0.2 | null, "device_timeout_s": 1800, "pending_expiry_s": 604800}
+     "health_margin": 0.2 | null, "device_timeout_s": 1800, "pending_expiry_s": 604800,
+     "pause_between_waves": false}
 
 Only ``model`` and ``selector`` are required. Without ``canary`` or ``waves`` the rollout
 starts with a canary of 10% (at least one device), then the rest: a model reaches the whole
@@ -33,6 +34,7 @@ SETTING_KEYS = (
     "health_margin",
     "device_timeout_s",
     "pending_expiry_s",
+    "pause_between_waves",
 )
 KEYS = ("model", "selector", "canary", "waves", *SETTING_KEYS)
 

@@ -3,6 +3,7 @@
 ::
 
     running ──wave_passed──────► running     (another wave follows: the engine starts it)
+    running ──wave_passed_pause► paused      (pause_between_waves: resume starts the next one)
     running ──last_wave_passed─► completed
     running ──pause────────────► paused ──resume──► running    (the engine looks again)
     running, paused ──wave_failed─────────► halted ──resume──► running
@@ -79,6 +80,7 @@ class RolloutEvent(StrEnum):
     RESUME = "resume"
     ABORT = "abort"
     WAVE_PASSED = "wave_passed"  # a wave passed and another follows
+    WAVE_PASSED_PAUSE = "wave_passed_pause"  # the same, and pause_between_waves is on
     LAST_WAVE_PASSED = "last_wave_passed"  # the last wave passed
     WAVE_FAILED = "wave_failed"  # a wave failed and on_failure is "pause"
     WAVE_FAILED_ABORT = "wave_failed_abort"  # a wave failed and on_failure is "abort"
@@ -91,6 +93,7 @@ TRANSITIONS: dict[tuple[RolloutState, RolloutEvent], RolloutState] = {
     (R.RUNNING, V.PAUSE): R.PAUSED,
     (R.RUNNING, V.ABORT): R.ABORTED,
     (R.RUNNING, V.WAVE_PASSED): R.RUNNING,
+    (R.RUNNING, V.WAVE_PASSED_PAUSE): R.PAUSED,
     (R.RUNNING, V.LAST_WAVE_PASSED): R.COMPLETED,
     (R.RUNNING, V.WAVE_FAILED): R.HALTED,
     (R.RUNNING, V.WAVE_FAILED_ABORT): R.FAILED,
@@ -133,11 +136,15 @@ def next_rollout_state(state: RolloutState, event: RolloutEvent) -> RolloutState
         raise IllegalRolloutTransition(state, event, _ALLOWED[state]) from None
 
 
-def wave_passed_event(wave_index: int, wave_count: int) -> RolloutEvent:
+def wave_passed_event(
+    wave_index: int, wave_count: int, *, pause_between_waves: bool = False
+) -> RolloutEvent:
     """The event for wave ``wave_index`` (0-based) of ``wave_count`` passing."""
     if not 0 <= wave_index < wave_count:
         raise ValueError(f"wave index must be in 0..{wave_count - 1}, got {wave_index}")
-    return V.LAST_WAVE_PASSED if wave_index == wave_count - 1 else V.WAVE_PASSED
+    if wave_index == wave_count - 1:
+        return V.LAST_WAVE_PASSED
+    return V.WAVE_PASSED_PAUSE if pause_between_waves else V.WAVE_PASSED
 
 
 def wave_failed_event(on_failure: OnFailure) -> RolloutEvent:

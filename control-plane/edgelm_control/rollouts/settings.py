@@ -45,6 +45,9 @@ class RolloutSettings:
     device_timeout_s: int = 1800
     #: A device still ``pending`` (and offline) this long after its wave started is ``expired``.
     pending_expiry_s: int = SEVEN_DAYS_S
+    #: After each wave that passes (but the last), pause the rollout: the next wave starts
+    #: only when the operator resumes it, e.g. after looking at the canary themselves.
+    pause_between_waves: bool = False
 
     def __post_init__(self) -> None:
         share = "a number from 0 to 1"
@@ -66,6 +69,10 @@ class RolloutSettings:
                     "health_margin", "null or a number from 0 up to (not including) 1", margin
                 )
             _set(self, "health_margin", margin)
+        if not isinstance(self.pause_between_waves, bool):
+            raise InvalidRolloutSettings(
+                "pause_between_waves", "true or false", self.pause_between_waves
+            )
         for name in ("device_timeout_s", "pending_expiry_s"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -91,6 +98,7 @@ class RolloutSettings:
             "health_margin": self.health_margin,
             "device_timeout_s": self.device_timeout_s,
             "pending_expiry_s": self.pending_expiry_s,
+            "pause_between_waves": self.pause_between_waves,
         }
 
 

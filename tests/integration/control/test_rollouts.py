@@ -13,6 +13,7 @@ import aiohttp
 from structlog.testing import capture_logs
 
 from edgelm_control.clock import ManualClock
+from edgelm_control.rollouts.driver import SETTLE_S
 from edgelm_control.store.events import insert_events
 from tests.integration.control.conftest import Running, StartControl, manual_clock, states, until
 from tests.integration.control.simdevice import (
@@ -24,6 +25,7 @@ from tests.integration.control.simdevice import (
     Behaviour,
     SimDevice,
 )
+from tests.mosquitto import Mosquitto
 
 TIMEOUT_S = 60
 EXPIRY_S = 600
@@ -139,6 +141,40 @@ class TestSuccess:
         await canary.apply(canary.desired[-1])
         done = await wait_state(control, rollout["id"], "completed")
         assert set(states(done).values()) == {"succeeded"}
+
+    async def test_pause_between_waves_waits_for_the_operator_after_the_canary(
+        self, start_control: StartControl
+    ):
+        """With pause_between_waves the canary's pass pauses the rollout: the next wave's
+        devices are not told until the operator resumes, and then the rollout completes."""
+        control = await start_control(clock=manual_clock())
+        await push(control, "m", "1")
+        await control.device("a-canary")
+        rest = [await control.device(f"b-{i}") for i in range(2)]
+        await known(control, "a-canary", *(d.device_id for d in rest))
+        rollout = await create(
+            control, model="m@1", selector={"all": True}, canary="1", pause_between_waves=True
+        )
+        assert rollout["settings"]["pause_between_waves"] is True
+        held = await wait_state(control, rollout["id"], "paused")
+        assert held["current_wave"] == 1
+        assert held["waves"][0]["verdict"] == "passed"
+        assert states(held) == {"a-canary": "succeeded", "b-0": "waiting", "b-1": "waiting"}
+        await advance(control, TIMEOUT_S * 2)  # time alone never starts the next wave
+        assert all(not d.desired for d in rest)
+        status, _ = await control.call("POST", f"/api/v1/rollouts/{rollout['id']}/resume")
+        assert status == 200
+        done = await wait_state(control, rollout["id"], "completed")
+        assert set(states(done).values()) == {"succeeded"}
+
+    async def test_pause_between_waves_must_be_a_boolean(self, start_control: StartControl):
+        """A string where a boolean belongs is a 400 naming the setting, not a truthy yes."""
+        control = await start_control(clock=manual_clock())
+        await push(control, "m", "1")
+        body = {"model": "m@1", "selector": {"all": True}, "pause_between_waves": "yes"}
+        status, error = await control.call("POST", "/api/v1/rollouts", json=body)
+        assert status in (400, 422), error
+        assert "pause_between_waves" in str(error)
 
 
 class TestOfflineDevices:
@@ -266,6 +302,69 @@ class TestFailures:
         assert wave["code"] == "health"
         assert "pi5" in wave["reason"]
         assert "20.0 tokens/s" in wave["reason"]
+
+
+class TestBlindControlPlane:
+    async def test_a_broker_outage_longer_than_the_device_timeout_fails_nothing(
+        self, start_control: StartControl, mosquitto: Mosquitto
+    ):
+        """While the plane cannot reach the broker it cannot hear devices, so their silence
+        is not theirs: no device times out, no wave is decided; after the outage the device
+        reports and the rollout completes."""
+        control = await start_control(clock=manual_clock())
+        await push(control, "m", "1")
+        slow = await control.device("a-slow", behaviour=Behaviour(outcome=STOP_AT_INSTALLED))
+        await known(control, "a-slow")
+        rollout = await create(control, model="m@1", selector={"all": True}, waves="rest")
+        await wait_states(control, rollout["id"], {"a-slow": "activating"})
+        link = control.service.link
+        assert link is not None
+        mosquitto.stop()
+        await until(lambda: not link.connected)
+        await advance(control, TIMEOUT_S * 3)  # far past the device timeout, while blind
+        status, blind = await control.call("GET", f"/api/v1/rollouts/{rollout['id']}")
+        assert status == 200
+        assert (blind["state"], states(blind)) == ("running", {"a-slow": "activating"})
+        mosquitto.start()
+        await link.wait_connected()
+        await control.step()  # the plane sees again: silence counts from now
+        await advance(control, SETTLE_S + 1)
+        await advance(control, TIMEOUT_S - SETTLE_S - 5)
+        _, seeing = await control.call("GET", f"/api/v1/rollouts/{rollout['id']}")
+        assert states(seeing) == {"a-slow": "activating"}
+        slow.behaviour.outcome = SUCCEED
+        await slow.apply(slow.desired[-1])
+        done = await wait_state(control, rollout["id"], "completed")
+        assert states(done) == {"a-slow": "succeeded"}
+
+    async def test_silence_after_the_outage_still_times_out(
+        self, start_control: StartControl, mosquitto: Mosquitto
+    ):
+        """Blindness pauses the clocks, it does not switch them off: a device that stays
+        silent for the whole timeout after the plane sees again is timed_out."""
+        control = await start_control(clock=manual_clock())
+        await push(control, "m", "1")
+        await control.device("a-silent", behaviour=Behaviour(outcome=SILENT))
+        await known(control, "a-silent")
+        rollout = await create(control, model="m@1", selector={"all": True}, waves="rest")
+        await wait_states(control, rollout["id"], {"a-silent": "pending"})
+        link = control.service.link
+        assert link is not None
+        mosquitto.stop()
+        await until(lambda: not link.connected)
+        await advance(control, TIMEOUT_S * 3)
+        mosquitto.start()
+        await link.wait_connected()
+
+        async def back_online() -> bool:
+            _, device = await control.call("GET", "/api/v1/devices/a-silent")
+            return bool(device["presence"] == "online")
+
+        await until(back_online)  # timed_out is for online devices; offline ones expire
+        await control.step()
+        await advance(control, TIMEOUT_S + SETTLE_S)
+        halted = await wait_state(control, rollout["id"], "halted")
+        assert states(halted) == {"a-silent": "timed_out"}
 
 
 class TestAbort:

@@ -32,6 +32,7 @@ def step(
     wave: int = 0,
     count: int = 2,
     on_failure: OnFailure = OnFailure.PAUSE,
+    pause_between_waves: bool = False,
 ) -> WaveStep:
     return wave_step(
         state,
@@ -40,6 +41,7 @@ def step(
         recorded=recorded,
         gate=None if verdict is None else gate(verdict),
         on_failure=on_failure,
+        pause_between_waves=pause_between_waves,
     )
 
 
@@ -55,6 +57,18 @@ class TestWaveStep:
         assert passed.event is V.WAVE_PASSED
         last = step(R.RUNNING, verdict=Verdict.PASSED, wave=1)
         assert last.event is V.LAST_WAVE_PASSED
+
+    def test_pause_between_waves_pauses_after_each_wave_but_the_last(self):
+        """With pause_between_waves a passed wave pauses the rollout before the next one; the
+        last wave still completes it (there is nothing left to approve)."""
+        held = step(R.RUNNING, verdict=Verdict.PASSED, pause_between_waves=True)
+        assert held.record is not None
+        assert held.event is V.WAVE_PASSED_PAUSE
+        assert TRANSITIONS[(R.RUNNING, V.WAVE_PASSED_PAUSE)] is R.PAUSED
+        last = step(R.RUNNING, verdict=Verdict.PASSED, wave=1, pause_between_waves=True)
+        assert last.event is V.LAST_WAVE_PASSED
+        recorded = step(R.RUNNING, recorded="passed", pause_between_waves=True)
+        assert recorded == WaveStep(event=V.WAVE_PASSED_PAUSE)
 
     def test_a_wave_passing_while_paused_is_recorded_but_holds(self):
         """A pause holds progress: the verdict is kept, the next wave waits for resume."""

@@ -36,6 +36,7 @@ EXPECTED: dict[tuple[str, str], str] = {
     ("running", "pause"): "paused",
     ("running", "abort"): "aborted",
     ("running", "wave_passed"): "running",
+    ("running", "wave_passed_pause"): "paused",
     ("running", "last_wave_passed"): "completed",
     ("running", "wave_failed"): "halted",
     ("running", "wave_failed_abort"): "failed",
@@ -49,8 +50,8 @@ EXPECTED: dict[tuple[str, str], str] = {
 }
 STATES = {"running", "paused", "halted", "completed", "aborted", "failed"}
 EVENTS = {
-    "pause", "resume", "abort", "wave_passed", "last_wave_passed", "wave_failed",
-    "wave_failed_abort",
+    "pause", "resume", "abort", "wave_passed", "wave_passed_pause", "last_wave_passed",
+    "wave_failed", "wave_failed_abort",
 }  # fmt: skip
 ILLEGAL = [
     (s, e) for s, e in itertools.product(sorted(STATES), sorted(EVENTS)) if (s, e) not in EXPECTED
@@ -109,6 +110,7 @@ class TestRolloutTransitionTable:
         for state in (RolloutState.PAUSED, RolloutState.HALTED):
             allowed = allowed_rollout_events(state)
             assert RolloutEvent.WAVE_PASSED not in allowed
+            assert RolloutEvent.WAVE_PASSED_PAUSE not in allowed
             assert RolloutEvent.LAST_WAVE_PASSED not in allowed
 
 
@@ -120,6 +122,8 @@ class TestWaveEvents:
         event = wave_passed_event(index, wave_count)
         last = index == wave_count - 1
         assert event == (RolloutEvent.LAST_WAVE_PASSED if last else RolloutEvent.WAVE_PASSED)
+        held = wave_passed_event(index, wave_count, pause_between_waves=True)
+        assert held == (RolloutEvent.LAST_WAVE_PASSED if last else RolloutEvent.WAVE_PASSED_PAUSE)
 
     @pytest.mark.parametrize(("index", "count"), [(-1, 3), (3, 3), (0, 0)])
     def test_a_wave_outside_the_plan_is_refused(self, index: int, count: int) -> None:
