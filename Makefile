@@ -10,7 +10,7 @@ RUN_DIR    := .edgelm
 SOCKET     := $(RUN_DIR)/agent.sock
 HTTP       := 127.0.0.1:8470
 
-.PHONY: install model run test lint typecheck pytest bench fixtures clean
+.PHONY: install model run demo test lint typecheck pytest bench bench-fleet fixtures clean
 
 install: $(STAMP)
 
@@ -32,6 +32,14 @@ run: install model
 	$(BIN)/edgelm agent run --model $(MODEL) --state-dir $(RUN_DIR)/state \
 		--socket $(SOCKET) --http $(HTTP)
 
+# A fleet on one machine: keys, a broker, the control plane, three agents, a rollout, a job.
+# The broker is Mosquitto when installed, else amqtt (from the dev extra; MQTT 3.1.1, demo
+# only): `make demo DEMO_BROKER=amqtt` forces it. DEMO_ARGS passes more options to
+# scripts/demo.py, e.g. DEMO_ARGS=--exit-when-done. Ctrl-C stops everything it started.
+DEMO_BROKER ?= auto
+demo: install model
+	$(PY) scripts/demo.py --broker $(DEMO_BROKER) $(DEMO_ARGS)
+
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
@@ -50,6 +58,9 @@ bench: install model
 	$(PY) bench/registry.py --model $(MODEL)
 	$(PY) bench/jobs.py
 	$(PY) bench/footprint.py --model $(MODEL)
+
+bench-fleet: install
+	$(PY) bench/fleet.py
 
 # Regenerating the committed test models needs torch; see tests/fixtures/*.py.
 fixtures:

@@ -28,6 +28,8 @@ from tuf.api.metadata import Metadata, Root
 from edgelm_agent.errors import ConfigError
 from edgelm_protocol.errors import InvalidId, InvalidKey
 from edgelm_protocol.ids import check_device_id, check_fleet_id
+from edgelm_protocol.mqtt.broker_url import parse_broker_url
+from edgelm_protocol.mqtt.errors import InvalidBrokerUrl
 from edgelm_protocol.repository.atomic_file import write_atomic
 from edgelm_protocol.signing import DirectorKeys
 
@@ -95,7 +97,7 @@ class Enrollment:
             fleet=fleet,
             device_id=device_id,
             hardware_class=_text(data, "hardware_class"),
-            broker_url=_url(broker, "url", "broker.url"),
+            broker_url=_broker_url(broker),
             control_url=_url(data, "control_url", "control_url"),
             repository_url=_url(data, "repository_url", "repository_url"),
             director_keys=tuple(keys),
@@ -146,6 +148,17 @@ def _url(data: dict[str, Any], key: str, shown: str) -> str:
     if not isinstance(value, str) or not _URL.fullmatch(value):
         raise EnrollmentError(f"bundle: {shown!r} must be a URL, got {value!r}")
     return value.rstrip("/")
+
+
+def _broker_url(broker: dict[str, Any]) -> str:
+    # The same parser the sync service connects with, so a bundle it cannot use is
+    # refused at enrollment, not found out at the first connection.
+    value = _url(broker, "url", "broker.url")
+    try:
+        parse_broker_url(value)
+    except InvalidBrokerUrl as exc:
+        raise EnrollmentError(f"bundle: 'broker.url': {exc}") from exc
+    return value
 
 
 def fleet_dir(state_dir: Path) -> Path:

@@ -24,11 +24,13 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import unquote, urlsplit
+from urllib.parse import urlsplit
 
 from edgelm_control.errors import ConfigError
 from edgelm_protocol import InvalidId, check_fleet_id
 from edgelm_protocol.ids import check_share_group
+from edgelm_protocol.mqtt.broker_url import BrokerUrl
+from edgelm_protocol.mqtt.broker_url import parse_broker_url as _parse_broker_url
 
 LogFormat = Literal["auto", "json", "console"]
 
@@ -51,19 +53,9 @@ class HttpListen:
         return f"{host}:{self.port}"
 
 
-@dataclass(frozen=True)
-class BrokerAddress:
-    """The MQTT broker, from ``mqtt://[user[:password]@]host[:port]`` (``mqtts://`` for TLS)."""
-
-    host: str
-    port: int = 1883
-    username: str | None = None
-    password: str | None = field(default=None, repr=False)
-    tls: bool = False
-
-    def __str__(self) -> str:  # never shows the password
-        user = f"{self.username}@" if self.username else ""
-        return f"{'mqtts' if self.tls else 'mqtt'}://{user}{self.host}:{self.port}"
+BrokerAddress = BrokerUrl
+"""The MQTT broker, from ``mqtt://[user[:password]@]host[:port][?protocol=5|3.1.1]``
+(``mqtts://`` for TLS): the protocol package's parsed broker URL, shared with the agent."""
 
 
 @dataclass(frozen=True)
@@ -83,7 +75,9 @@ class ControlConfig:
     #: SQLAlchemy URL of the store: ``sqlite:///PATH`` (default ``{data_dir}/control.db``) or
     #: ``postgresql://user@host/db``. Stored with an absolute SQLite path.
     db: str = ""
-    #: The MQTT broker.
+    #: The MQTT broker. ``?protocol=3.1.1`` speaks MQTT 3.1.1 (demo brokers only; no
+    #: ``shared_group``, and the broker's own settings replace ``mqtt_session_expiry_s`` and
+    #: ``mqtt_receive_maximum``).
     broker: BrokerAddress = field(default_factory=lambda: BrokerAddress("127.0.0.1"))
     #: The fleet's TUF repository (``metadata/``, ``targets/``); default ``{data_dir}/repository``.
     repository_dir: Path = Path()
@@ -263,24 +257,12 @@ def parse_http(value: Any) -> HttpListen:
 
 
 def parse_broker_url(value: Any) -> BrokerAddress:
-    """Parse ``mqtt://[user[:password]@]host[:port]`` or ``mqtts://...``."""
-    parts = urlsplit(_text(value))
-    if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
-        raise ValueError(f"expected mqtt://HOST:PORT or mqtts://HOST:PORT, got {value!r}")
-    if parts.path not in ("", "/") or parts.query or parts.fragment:
-        raise ValueError(f"a broker URL has no path or query, got {value!r}")
-    tls = parts.scheme == "mqtts"
-    try:
-        port = parts.port or (8883 if tls else 1883)
-    except ValueError:
-        raise ValueError(f"expected a port from 1 to 65535 in {value!r}") from None
-    return BrokerAddress(
-        host=parts.hostname,
-        port=port,
-        username=unquote(parts.username) if parts.username else None,
-        password=unquote(parts.password) if parts.password else None,
-        tls=tls,
-    )
+    """Parse ``mqtt://[user[:password]@]host[:port][?protocol=5|3.1.1]`` or ``mqtts://...``.
+
+    The protocol package's parser, the one the agent uses too; its ``InvalidBrokerUrl`` is a
+    ValueError naming the problem (and never showing the password).
+    """
+    return _parse_broker_url(_text(value))
 
 
 def _db_url(value: Any, base: Path) -> str:
@@ -410,6 +392,12 @@ def resolve_config(
         values["db"] = _db_url(values.get("db", "sqlite:///control.db"), bases.get("db", data_dir))
     except ValueError as exc:
         raise ConfigError(f"db: {exc}") from exc
+    broker = values.get("broker")
+    if broker is not None and not broker.mqtt5 and values.get("shared_group"):
+        raise ConfigError(
+            f"shared_group {values['shared_group']!r} needs MQTT 5 (shared subscriptions), but "
+            f"broker_url asks for ?protocol=3.1.1: drop one of them"
+        )
     if values.get("desired_resign_before_s", 2 * DAY_S) >= values.get(
         "desired_expiry_s", 7 * DAY_S
     ):

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from edgelm_protocol.errors import InvalidId
 from edgelm_protocol.ids import check_fleet_id
+from edgelm_protocol.mqtt import InvalidBrokerUrl, parse_broker_url
 from edgelm_provisioning.errors import FleetDirError, InvalidValue
 from edgelm_provisioning.toml_file import dump_toml, load_toml
 
@@ -114,13 +115,17 @@ def check_control_url(url: str, param: str = "control_url") -> str:
 
 
 def check_broker_url(url: str, param: str = "broker_url") -> str:
-    """An ``mqtt://host[:port]`` or ``mqtts://host[:port]`` URL, without credentials or path.
+    """An ``mqtt://host[:port]`` or ``mqtts://host[:port]`` URL, without credentials or path;
+    ``?protocol=3.1.1`` makes devices and the control plane speak MQTT 3.1.1 (demo brokers).
 
     Credentials are per device (each bundle carries its own), never part of the fleet's URL.
+    The rest is the protocol package's parser, the one the agent and control plane use.
     """
-    parts = _split_url(url, param, ("mqtt", "mqtts"))
-    if parts.path not in ("", "/") or parts.query or parts.fragment:
-        raise InvalidValue(param, f"{param} must be mqtt://HOST[:PORT], got {url!r}")
+    _split_url(url, param, ("mqtt", "mqtts"))
+    try:
+        parse_broker_url(url)
+    except InvalidBrokerUrl as exc:
+        raise InvalidValue(param, f"{param}: {exc}") from exc
     return url.rstrip("/")
 
 

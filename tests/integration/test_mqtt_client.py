@@ -7,10 +7,15 @@ one on 1883). Waits have generous deadlines as a safety net only; no test measur
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import random
 import socket
-from collections.abc import AsyncIterator, Callable
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
@@ -28,6 +33,7 @@ from edgelm_protocol.mqtt import (
     InvalidArgument,
     MqttClient,
     MqttSettings,
+    MqttVersion,
     MqttWill,
     NotConnected,
     PublishRefused,
@@ -35,12 +41,14 @@ from edgelm_protocol.mqtt import (
     SubscribeRefused,
 )
 from edgelm_protocol.mqtt.link import wait_for_ack
+from tests.mosquitto import free_port
 
 if TYPE_CHECKING:
     from tests.mosquitto import Mosquitto
 
 
 DEADLINE_S = 60.0  # a safety net for slow CI machines, never a measurement
+REPO = Path(__file__).resolve().parents[2]
 PRESENCE = "edgelm/v1/acme/dev/kiosk-17/presence"
 JOBS = "edgelm/v1/acme/dev/kiosk-17/jobs"
 NOT_AUTHORIZED = 0x87
@@ -575,3 +583,194 @@ class TestMosquitto:
             socket.create_connection(("127.0.0.1", port), timeout=DEADLINE_S).close()
         assert restarted == (port, True, True)
         assert not broker.running
+
+
+def v311(port: int, client_id: str, **overrides: Any) -> MqttSettings:
+    """Test settings for a client that speaks MQTT 3.1.1 (``?protocol=3.1.1``)."""
+    return settings(port, client_id, protocol_version=MqttVersion.V311, **overrides)
+
+
+def device311(port: int, hook: Recorder, client_id: str = "kiosk-17", **kw: Any) -> MqttClient:
+    client = MqttClient(v311(port, client_id, **kw), on_connect=hook)
+    hook.client = client
+    return client
+
+
+class TestMqtt311:
+    """The same client speaking MQTT 3.1.1 (for brokers that speak nothing newer), against a
+    real Mosquitto; Mosquitto's log line for each CONNECT shows the protocol (p2 is 3.1.1,
+    p5 is MQTT 5) and the clean-session flag (c0: persistent)."""
+
+    async def test_connect_subscribe_publish_qos1_and_ack(self, mosquitto):
+        """3.1.1 on the wire, a persistent session, SUBACK grants, PUBACK, manual ack."""
+        hook = Recorder([(JOBS, 1), ("t/qos0", 0)])
+        async with (
+            device311(mosquitto.port, hook) as client,
+            MqttClient(v311(mosquitto.port, "cp")) as control,
+        ):
+            await client.wait_connected()
+            await control.wait_connected()
+            granted = await client.subscribe([("t/more", 1)])
+            await control.publish(JOBS, b"job-1", qos=1)  # returns on the PUBACK
+            message = await next_message(client.messages())
+            acked = client.ack(message)
+        await mosquitto.wait_for_log("Client kiosk-17 disconnected")
+        assert granted == (1,)
+        assert (message.topic, message.payload, message.qos) == (JOBS, b"job-1", 1)
+        assert acked is True
+        assert [c.session_present for c in hook.connections] == [False]
+        assert "as kiosk-17 (p2, c0, k60)" in mosquitto.logs()
+        assert "as cp (p2, c0, k60)" in mosquitto.logs()
+
+    async def test_clean_start_is_the_clean_session_flag(self, mosquitto):
+        """clean_start=True connects with clean session (c1): no session survives."""
+        async with MqttClient(v311(mosquitto.port, "d", clean_start=True)) as client:
+            await client.wait_connected()
+        assert "as d (p2, c1, k60)" in mosquitto.logs()
+
+    async def test_unacked_message_comes_back_and_acked_one_does_not(self, mosquitto):
+        """Manual acks hold in 3.1.1: not acked, the next client of the session gets it again."""
+        async with MqttClient(v311(mosquitto.port, "cp")) as control:
+            await control.wait_connected()
+            async with device311(mosquitto.port, Recorder([(JOBS, 1)])) as first:
+                await first.wait_connected()
+                await control.publish(JOBS, b"job-1")
+                assert (await next_message(first.messages())).payload == b"job-1"
+            async with device311(mosquitto.port, Recorder([(JOBS, 1)])) as second:
+                again = await next_message(second.messages())
+                assert second.ack(again)
+            async with device311(mosquitto.port, Recorder([(JOBS, 1)])) as third:
+                await third.wait_connected()
+                await control.publish(JOBS, b"job-2")
+                after_ack = await next_message(third.messages())
+        assert (again.payload, again.duplicate) == (b"job-1", True)
+        assert after_ack.payload == b"job-2"
+
+    async def test_reconnect_after_broker_restart_resumes_the_persistent_session(
+        self, mosquitto_factory
+    ):
+        """With the broker restarted (persistence on), the client reconnects by itself, the
+        session is present, subscriptions hold without a new SUBSCRIBE, and what was queued
+        while the device was away arrives."""
+        broker = mosquitto_factory(persistence=True)
+        hook = Recorder([(JOBS, 1)])
+        async with device311(broker.port, hook) as client:
+            await client.wait_connected()
+            broker.stop()
+            await until(lambda: not client.connected)
+            broker.start()
+            await until(lambda: len(hook.connections) == 2)
+            await client.wait_connected()
+            async with MqttClient(v311(broker.port, "cp")) as control:
+                await control.wait_connected()
+                await control.publish(JOBS, b"after restart")
+            live = await next_message(client.messages())
+            client.ack(live)
+        async with MqttClient(v311(broker.port, "cp")) as control:
+            await control.wait_connected()
+            for n in range(3):
+                await control.publish(JOBS, f"queued-{n}".encode())
+        async with device311(broker.port, hook) as client:
+            await client.wait_connected()
+            messages = client.messages()
+            queued = [(await next_message(messages)).payload for _ in range(3)]
+        assert [c.session_present for c in hook.connections] == [False, True, True]
+        assert live.payload == b"after restart"
+        assert queued == [b"queued-0", b"queued-1", b"queued-2"]
+
+    async def test_clean_stop_deletes_the_will_and_send_will_publishes_it(self, mosquitto):
+        """3.1.1's DISCONNECT always deletes the will: stop() sends it; stop(send_will=True)
+        closes the connection without it, so the broker publishes the will."""
+        will = MqttWill(topic=PRESENCE, payload=b"offline")
+        async with MqttClient(v311(mosquitto.port, "cp")) as observer:
+            await observer.wait_connected()
+            await observer.subscribe([(PRESENCE, 1)])
+            presence = observer.messages()
+            async with device311(mosquitto.port, Recorder(), will=will) as client:
+                await client.wait_connected()
+            await mosquitto.wait_for_log("Client kiosk-17 disconnected")
+            await observer.publish(PRESENCE, b"marker")
+            first = await next_message(presence)
+            client = device311(mosquitto.port, Recorder(), will=will)
+            await client.start()
+            await client.wait_connected()
+            await client.stop(send_will=True)
+            second = await next_message(presence)
+        assert (first.payload, second.payload) == (b"marker", b"offline")
+
+    async def test_shared_subscriptions_are_refused_before_the_broker(self, mosquitto):
+        """$share/... is MQTT 5 only; a 3.1.1 broker would take it for a plain filter."""
+        async with MqttClient(v311(mosquitto.port, "cp")) as client:
+            await client.wait_connected()
+            with pytest.raises(InvalidArgument, match="shared subscriptions need MQTT 5"):
+                await client.subscribe([("$share/cp/edgelm/v1/acme/dev/+/events", 1)])
+            assert client.connected
+
+    async def test_mqtt5_and_311_clients_talk_through_one_broker(self, mosquitto):
+        """A 3.1.1 device and an MQTT 5 control plane exchange QoS 1 messages both ways."""
+        async with (
+            device311(mosquitto.port, Recorder([(JOBS, 1)])) as device_side,
+            MqttClient(settings(mosquitto.port, "cp")) as control,
+        ):
+            await device_side.wait_connected()
+            await control.wait_connected()
+            await control.subscribe([(PRESENCE, 1)])
+            await control.publish(JOBS, b"to the device")
+            await device_side.publish(PRESENCE, b"to the control plane")
+            down = await next_message(device_side.messages())
+            up = await next_message(control.messages())
+        assert (down.payload, up.payload) == (b"to the device", b"to the control plane")
+        assert "as cp (p5, c0, k60)" in mosquitto.logs()
+
+
+@pytest.fixture
+def amqtt_broker() -> Iterator[int]:
+    """scripts/demo_broker.py (amqtt, the demo's fallback broker) on a free port; stopped,
+    and killed if it will not stop, after the test."""
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, str(REPO / "scripts" / "demo_broker.py"), str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        deadline = time.monotonic() + DEADLINE_S
+        while True:
+            assert process.poll() is None, process.stdout.read() if process.stdout else ""
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1):
+                break
+            assert time.monotonic() < deadline, "amqtt did not listen in time"
+            time.sleep(0.05)
+        yield port
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=DEADLINE_S)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        if process.stdout is not None:
+            process.stdout.close()
+
+
+class TestAmqtt:
+    async def test_publish_subscribe_qos1_roundtrip_in_311(self, amqtt_broker):
+        """The demo's embedded broker: a 3.1.1 subscriber gets a 3.1.1 QoS 1 publish and
+        acks it; the PUBACK and SUBACK come from amqtt."""
+        hook = Recorder([(JOBS, 1)])
+        async with (
+            device311(amqtt_broker, hook) as client,
+            MqttClient(v311(amqtt_broker, "cp")) as control,
+        ):
+            await client.wait_connected()
+            await control.wait_connected()
+            await control.subscribe([(PRESENCE, 1)])
+            await control.publish(JOBS, b"job-1", qos=1)
+            await client.publish(PRESENCE, b"online", qos=1, retain=True)
+            job = await next_message(client.messages())
+            presence = await next_message(control.messages())
+            acks = (client.ack(job), control.ack(presence))
+        assert (job.topic, job.payload, job.qos) == (JOBS, b"job-1", 1)
+        assert (presence.payload, presence.qos) == (b"online", 1)
+        assert acks == (True, True)
+        assert [c.session_present for c in hook.connections] == [False]

@@ -133,7 +133,16 @@ class TestEnrollment:
     def test_a_tampered_bundle_is_refused_and_nothing_changes(self, fleet: Fleet, short_tmp):
         """A bundle whose root is not self-signed, or whose device id is hostile, is refused."""
         state = short_tmp / "state"
-        for field, value in (("device_id", "a/b"), ("device_id", "#"), ("director_keys", ["x"])):
+        cases: list[tuple[str, Any]] = [
+            ("device_id", "a/b"),
+            ("device_id", "#"),
+            ("director_keys", ["x"]),
+            # broker URLs the sync service could never use: refused now, not at connection
+            ("broker", {"url": "https://broker.lan"}),
+            ("broker", {"url": "mqtt://broker.lan:0"}),
+            ("broker", {"url": "mqtt://broker.lan?protocol=4"}),
+        ]
+        for field, value in cases:
             path = bundle(short_tmp / "b.json", "kiosk-1", fleet.repository, fleet.director, 1)
             data = json.loads(path.read_text())
             data[field] = value

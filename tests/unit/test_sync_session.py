@@ -33,6 +33,7 @@ from edgelm_protocol import (
     EventKind,
     JobResult,
     Presence,
+    PresenceStatus,
     RemoteJob,
     TargetRef,
     decode,
@@ -251,6 +252,26 @@ class TestInbound:
             actions = s.on_message(topic(channel), json.dumps(document).encode(), "t", NOW)
             assert isinstance(actions[0], Dropped)
             assert actions[-1] == AckInbound("t")
+
+    def test_another_devices_messages_are_dropped_and_acknowledged(self):
+        """A broker that misroutes (amqtt replays other clients' retained messages) cannot
+        make this device act on, or even reject, another device's desired state."""
+        s = session()
+        actions = s.on_message(topic(Channel.DESIRED, "kiosk-other"), desired(1), "t", NOW)
+        assert [type(a) for a in actions] == [Dropped, AckInbound]
+        assert actions[0].code == "not_my_topic"
+        assert s.in_progress is None
+
+    def test_a_valid_message_of_a_type_devices_do_not_take_is_still_acknowledged(self):
+        """A well-formed presence delivered on our own topic (we never subscribe to it) is
+        dropped and acknowledged, so it does not hold an in-flight slot for ever."""
+        s = SyncSession(fleet=FLEET, device=DEVICE, keys=keys(), agent_version="0.1")
+        presence_topic = topic(Channel.PRESENCE)
+        s._inbound_topics = s._inbound_topics | {presence_topic}
+        payload = s.presence(PresenceStatus.ONLINE, NOW * 1000)
+        actions = s.on_message(presence_topic, payload, "t", NOW)
+        assert [type(a) for a in actions] == [Dropped, AckInbound]
+        assert actions[0].code == "unexpected_type"
 
 
 class TestOutbound:

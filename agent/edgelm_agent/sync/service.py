@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import ssl
 import threading
 import time
 from dataclasses import dataclass, field
@@ -71,6 +72,7 @@ from edgelm_protocol.mqtt import (
     MqttSettings,
     MqttTransportError,
     MqttWill,
+    parse_broker_url,
 )
 from edgelm_protocol.topics import Channel
 
@@ -83,16 +85,25 @@ MAX_INSTALLED_REPORTED = 64
 
 
 def mqtt_settings(config: AgentConfig, enrollment: Enrollment) -> MqttSettings:
-    """The device's MQTT session: its own client id, persistent for days, a will."""
-    scheme, _, rest = enrollment.broker_url.partition("://")
-    host, _, port = rest.partition(":")
-    # TLS (mqtts) arrives with the fleet CA in the next step; until then loopback only.
+    """The device's MQTT session: its own client id, persistent for days, a will.
+
+    The broker URL is parsed by the protocol package, as the control plane parses its own
+    (``?protocol=3.1.1`` selects MQTT 3.1.1); a bad one raises ``InvalidBrokerUrl`` (a
+    ValueError) naming the problem. The bundle's per-device credentials win over any in the
+    URL.
+    """
+    broker = parse_broker_url(enrollment.broker_url)
+    from_bundle = enrollment.broker_username is not None
+    # mqtts: the system's trust store for now; a fleet CA and client certificates (mutual
+    # TLS) replace it when provisioning issues them.
     return MqttSettings(
-        host=host,
-        port=int(port or (8883 if scheme == "mqtts" else 1883)),
+        host=broker.host,
+        port=broker.port,
+        tls=ssl.create_default_context() if broker.tls else None,
         client_id=enrollment.device_id,
-        username=enrollment.broker_username,
-        password=enrollment.broker_password,
+        username=enrollment.broker_username if from_bundle else broker.username,
+        password=enrollment.broker_password if from_bundle else broker.password,
+        protocol_version=broker.protocol_version,
         session_expiry_s=config.mqtt_session_expiry_s,
         will=None,  # set by the service: its payload is an envelope
     )

@@ -179,6 +179,11 @@ class SyncSession:
     #: Durable messages sent and not yet acknowledged, by id: when they were sent.
     _inflight: dict[str, float] = field(default_factory=dict)
     _seen: RecentIds = field(default_factory=lambda: RecentIds(SEEN_CAPACITY))
+    _inbound_topics: frozenset[str] = field(init=False)
+
+    def __post_init__(self) -> None:
+        own = {self.topic(channel) for channel in INBOUND_CHANNELS}
+        self._inbound_topics = frozenset({*own, Topic.announce(self.fleet).value})
 
     # --- the connection ---
 
@@ -211,6 +216,11 @@ class SyncSession:
     # --- inbound ---
 
     def on_message(self, topic: str, payload: bytes, token: Any, now_s: int) -> list[Action]:
+        if topic not in self._inbound_topics:
+            # Only a misrouting broker delivers what we did not subscribe to (amqtt sends
+            # other clients' retained messages): not ours, so not even worth a rejection.
+            return [Dropped(topic, "not_my_topic", "not a topic this device subscribes to"),
+                    AckInbound(token)]  # fmt: skip
         try:
             envelope = decode(topic, payload)
         except MessageRefused as exc:
@@ -230,7 +240,11 @@ class SyncSession:
         if isinstance(body, Announce):
             return [Refresh(body.timestamp_version), AckInbound(token)]
         # decode() only returns types the topic carries; the device receives no others.
-        return [Dropped(topic, "unexpected_type", f"{envelope.type} is not for devices")]
+        # Acknowledged all the same: an unacknowledged message holds an in-flight slot.
+        return [
+            Dropped(topic, "unexpected_type", f"{envelope.type} is not for devices"),
+            AckInbound(token),
+        ]
 
     def _desired(self, topic: str, document: DesiredDocument, now_s: int) -> list[Action]:
         newest = max(self.applied_sequence, self.in_progress.sequence if self.in_progress else 0)

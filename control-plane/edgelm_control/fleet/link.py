@@ -47,12 +47,15 @@ def mqtt_settings(
     session_expiry_s: int,
     reconnect_max_s: float = 30.0,
 ) -> MqttSettings:
+    """The control plane's session; with ``?protocol=3.1.1`` on the broker URL, MQTT 3.1.1,
+    where the broker's own settings replace ``session_expiry_s`` and ``receive_maximum``."""
     return MqttSettings(
         host=broker.host,
         port=broker.port,
         client_id=client_id,
         username=broker.username,
         password=broker.password,
+        protocol_version=broker.protocol_version,
         tls=ssl.create_default_context() if broker.tls else None,
         clean_start=False,
         session_expiry_s=session_expiry_s,

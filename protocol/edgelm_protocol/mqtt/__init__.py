@@ -1,4 +1,4 @@
-"""The MQTT I/O adapter: paho-mqtt 2.x on asyncio, MQTT v5, manual acknowledgements.
+"""The MQTT I/O adapter: paho-mqtt 2.x on asyncio, MQTT v5 (or 3.1.1), manual acknowledgements.
 
 The rest of :mod:`edgelm_protocol` is sans-IO; this subpackage is the one place that opens a
 socket to the broker. The device agent and the control plane both use it::
@@ -17,6 +17,7 @@ socket to the broker. The device agent and the control plane both use it::
 """
 
 from edgelm_protocol.mqtt.backoff import FailureLogThrottle, ReconnectBackoff
+from edgelm_protocol.mqtt.broker_url import BrokerUrl, parse_broker_url
 from edgelm_protocol.mqtt.client import ConnectHook, InboundMessages, MqttClient
 from edgelm_protocol.mqtt.errors import (
     AckTimeout,
@@ -25,6 +26,7 @@ from edgelm_protocol.mqtt.errors import (
     ConnectionLost,
     ConnectRefused,
     InvalidArgument,
+    InvalidBrokerUrl,
     MqttError,
     MqttRefused,
     MqttTransportError,
@@ -34,10 +36,11 @@ from edgelm_protocol.mqtt.errors import (
     SubscribeRefused,
 )
 from edgelm_protocol.mqtt.messages import ConnectionInfo, InboundMessage
-from edgelm_protocol.mqtt.settings import MqttSettings, MqttWill
+from edgelm_protocol.mqtt.settings import MqttSettings, MqttVersion, MqttWill
 
 __all__ = [
     "AckTimeout",
+    "BrokerUrl",
     "ClientStateError",
     "ConnectFailed",
     "ConnectHook",
@@ -48,15 +51,18 @@ __all__ = [
     "InboundMessage",
     "InboundMessages",
     "InvalidArgument",
+    "InvalidBrokerUrl",
     "MqttClient",
     "MqttError",
     "MqttRefused",
     "MqttSettings",
     "MqttTransportError",
     "MqttUsageError",
+    "MqttVersion",
     "MqttWill",
     "NotConnected",
     "PublishRefused",
     "ReconnectBackoff",
     "SubscribeRefused",
+    "parse_broker_url",
 ]

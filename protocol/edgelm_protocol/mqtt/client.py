@@ -1,5 +1,10 @@
 """The asyncio MQTT v5 client that the device agent and the control plane share.
 
+It speaks MQTT 3.1.1 instead when ``MqttSettings.protocol_version`` says so (``?protocol=3.1.1``
+on the broker URL), for a broker that speaks nothing newer: the demo's embedded broker. What
+3.1.1 lacks is then the broker's to decide (session expiry, the in-flight limit) or refused
+(shared subscriptions); see :class:`~edgelm_protocol.mqtt.settings.MqttSettings`.
+
 paho-mqtt 2.x speaks the protocol (:mod:`~edgelm_protocol.mqtt.link`) and its socket runs on
 the event loop (:mod:`~edgelm_protocol.mqtt.bridge`). This class is the policy the fleet's
 delivery rules need:
@@ -70,7 +75,7 @@ LIFECYCLE: dict[tuple[Lifecycle, str], Lifecycle] = {
 
 
 class MqttClient:
-    """One MQTT v5 session with one broker, on the running event loop.
+    """One MQTT v5 (or 3.1.1) session with one broker, on the running event loop.
 
     ``start()`` returns at once (the broker may be down for days); ``wait_connected()`` waits
     for the broker. A client is used once: after ``stop()`` build a new one with the same
@@ -125,9 +130,12 @@ class MqttClient:
         of publishing it: a device that stops on purpose publishes its ``offline`` presence
         itself, before calling this. ``send_will=True`` sends reason 0x04 and the broker
         publishes the will. If DISCONNECT cannot go out within ``operation_timeout_s``, the
-        connection is closed without it and the broker publishes the will anyway.
+        connection is closed without it and the broker publishes the will anyway. In MQTT
+        3.1.1, whose DISCONNECT always deletes the will, ``send_will=True`` closes the
+        connection without DISCONNECT instead.
 
-        The session stays on the broker for ``session_expiry_s``. Messages already queued stay
+        The session stays on the broker for ``session_expiry_s`` (in 3.1.1: as long as the
+        broker's own configuration keeps persistent sessions). Messages already queued stay
         readable from ``messages()``, which then ends. Calling ``stop()`` again is harmless.
         """
         if self._lifecycle in (Lifecycle.STOPPING, Lifecycle.STOPPED):
@@ -223,7 +231,9 @@ class MqttClient:
 
         Raises ``SubscribeRefused`` if the broker refused any filter (the others hold), and the
         transport errors of :meth:`publish`. Subscriptions live in the broker's session: after
-        a connect with ``session_present`` True they still hold.
+        a connect with ``session_present`` True they still hold. A shared subscription
+        (``$share/...``) needs MQTT 5: with 3.1.1 it raises ``InvalidArgument`` (a 3.1.1
+        broker would take it for an ordinary filter on a topic starting with ``$share``).
         """
         link = self._running_link("subscribe")
         pairs = list(subscriptions)
@@ -234,6 +244,10 @@ class MqttClient:
                 raise InvalidArgument("filter", topic_filter, "a non-empty topic filter")
             if qos not in (0, 1):
                 raise InvalidArgument("qos", qos, f"0 or 1 (for {topic_filter!r})")
+            if topic_filter.startswith("$share/") and not self.settings.mqtt5:
+                raise InvalidArgument(
+                    "filter", topic_filter, "an ordinary filter: shared subscriptions need MQTT 5"
+                )
         codes = await link.subscribe(pairs, self._timeout_s(timeout_s))
         if len(codes) != len(pairs):
             raise MqttRefused(

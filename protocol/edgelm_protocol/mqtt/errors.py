@@ -6,8 +6,10 @@
     ├── MqttUsageError            the caller misused the client (a bug to fix, not to retry)
     │   ├── ClientStateError      the call does not fit the client's lifecycle (publish
     │   │                         before start() or after stop(), start() twice)
-    │   └── InvalidArgument       a setting, topic, filter or QoS is out of range; carries
-    │                             ``name`` and ``value`` (also a ValueError)
+    │   ├── InvalidArgument       a setting, topic, filter or QoS is out of range; carries
+    │   │                         ``name`` and ``value`` (also a ValueError)
+    │   └── InvalidBrokerUrl      a broker URL that cannot be used; carries ``problem``
+    │                             (also a ValueError)
     ├── MqttTransportError        the link to the broker failed: keep the message, retry later
     │   ├── NotConnected          there was no connection when the call was made
     │   ├── ConnectionLost        the connection dropped before the broker answered
@@ -66,6 +68,20 @@ class InvalidArgument(MqttUsageError, ValueError):
         self.name = name
         self.value = value
         self.expected = expected
+
+
+class InvalidBrokerUrl(MqttUsageError, ValueError):
+    """A broker URL that cannot be used; ``problem`` says what is wrong with it.
+
+    ``shown`` is the URL as the message quotes it: with its password replaced by ``***``
+    (:func:`~edgelm_protocol.mqtt.broker_url.parse_broker_url` does that).
+    """
+
+    code: ClassVar[str] = "mqtt_invalid_broker_url"
+
+    def __init__(self, shown: str, problem: str, expected: str) -> None:
+        super().__init__(f"broker URL {shown}: {problem} (expected {expected})")
+        self.problem = problem
 
 
 class MqttTransportError(MqttError):

@@ -41,6 +41,7 @@ log = structlog.get_logger(__name__)
 _T = TypeVar("_T")
 
 # MQTT v5 DISCONNECT reason codes: 0x00 tells the broker to delete our will, 0x04 to send it.
+# (MQTT 3.1.1's DISCONNECT has no reason code: it always deletes the will.)
 DISCONNECT_NORMAL = 0x00
 DISCONNECT_WITH_WILL = 0x04
 
@@ -127,11 +128,22 @@ class PahoLink:
             raise ConnectFailed(self.settings.host, self.settings.port, paho.error_string(rc))
 
     async def disconnect(self, *, send_will: bool) -> None:
-        """Send DISCONNECT and wait until it is out; close without it if it cannot go out."""
-        if self.up:
-            code = DISCONNECT_WITH_WILL if send_will else DISCONNECT_NORMAL
-            reason = ReasonCode(PacketTypes.DISCONNECT, identifier=code)
-            if self._paho.disconnect(reasoncode=reason) == MQTTErrorCode.MQTT_ERR_SUCCESS:
+        """Send DISCONNECT and wait until it is out; close without it if it cannot go out.
+
+        MQTT 3.1.1's DISCONNECT has no reason code and always deletes the will: there,
+        ``send_will`` closes the connection without DISCONNECT, so the broker publishes it.
+        """
+        # In 3.1.1 only a connection that ends without DISCONNECT makes the broker send the will.
+        will_by_abort = send_will and not self.settings.mqtt5
+        if self.up and not will_by_abort:
+            if self.settings.mqtt5:
+                code = DISCONNECT_WITH_WILL if send_will else DISCONNECT_NORMAL
+                sent = self._paho.disconnect(
+                    reasoncode=ReasonCode(PacketTypes.DISCONNECT, identifier=code)
+                )
+            else:
+                sent = self._paho.disconnect()
+            if sent == MQTTErrorCode.MQTT_ERR_SUCCESS:
                 try:
                     async with asyncio.timeout(self.settings.operation_timeout_s):
                         await self.lost.wait()  # not wait_for: see wait_for_ack
@@ -352,14 +364,31 @@ async def wait_for_ack(future: asyncio.Future[_T], packet: str, timeout_s: float
 
 
 def build_paho(settings: MqttSettings) -> paho.Client:
-    """A paho client for ``settings``: MQTT v5, our reconnect loop, connect parameters set."""
-    client = paho.Client(
-        CallbackAPIVersion.VERSION2,
-        client_id=settings.client_id,
-        protocol=MQTTProtocolVersion.MQTTv5,
-        reconnect_on_failure=False,  # our loop reconnects, with jitter
-        manual_ack=settings.manual_ack,
-    )
+    """A paho client for ``settings``: MQTT v5 (or 3.1.1), our reconnect loop, connect
+    parameters set.
+
+    MQTT 3.1.1 has no CONNECT properties (session expiry, receive maximum) and no clean start:
+    paho takes the clean-session flag in its constructor instead, and refuses ``clean_start``
+    and properties for 3.1.1 in ``connect()``, so neither is given.
+    """
+    if settings.mqtt5:
+        client = paho.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=settings.client_id,
+            protocol=MQTTProtocolVersion.MQTTv5,
+            reconnect_on_failure=False,  # our loop reconnects, with jitter
+            manual_ack=settings.manual_ack,
+        )
+    else:
+        client = paho.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=settings.client_id,
+            clean_session=settings.clean_start,
+            protocol=MQTTProtocolVersion.MQTTv311,
+            # Also keeps paho from retrying as MQTT 3.1 when the broker refuses 3.1.1.
+            reconnect_on_failure=False,
+            manual_ack=settings.manual_ack,
+        )
     if settings.username is not None:
         client.username_pw_set(settings.username, settings.password)
     if settings.will is not None:
@@ -368,10 +397,13 @@ def build_paho(settings: MqttSettings) -> paho.Client:
     if settings.tls is not None:
         client.tls_set_context(settings.tls)
     client.connect_timeout = settings.connect_timeout_s
+    # Stores the parameters that every reconnect() uses; no I/O happens here.
+    if not settings.mqtt5:
+        client.connect_async(settings.host, settings.port, keepalive=settings.keepalive_s)
+        return client
     properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]  # paho: no hint
     properties.SessionExpiryInterval = settings.session_expiry_s
     properties.ReceiveMaximum = settings.receive_maximum
-    # Stores the parameters that every reconnect() uses; no I/O happens here.
     client.connect_async(
         settings.host,
         settings.port,

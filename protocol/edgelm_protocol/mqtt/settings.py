@@ -9,12 +9,25 @@ from __future__ import annotations
 
 import ssl
 from dataclasses import dataclass, field
+from enum import StrEnum
 
 from edgelm_protocol.mqtt.errors import InvalidArgument
 
 MAX_UINT16 = 65_535
 MAX_UINT32 = 4_294_967_295
 SEVEN_DAYS_S = 7 * 24 * 3600
+
+
+class MqttVersion(StrEnum):
+    """The MQTT protocol version the client speaks; the value is how a broker URL spells it.
+
+    MQTT 5 is the fleet's protocol. 3.1.1 exists for brokers that speak nothing else (the
+    embedded demo broker, amqtt): it has no session expiry, receive maximum, reason codes or
+    shared subscriptions, so those are the broker's settings or are not available.
+    """
+
+    V5 = "5"
+    V311 = "3.1.1"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -49,19 +62,30 @@ class MqttSettings:
     """The MQTT client id: the device id on a device. The broker keys the session by it."""
     username: str | None = None
     password: str | None = field(default=None, repr=False)
+    protocol_version: MqttVersion = MqttVersion.V5
+    """MQTT 5 (the default), or 3.1.1 for a broker that speaks nothing newer. In 3.1.1 the
+    CONNECT carries no properties: ``session_expiry_s`` and ``receive_maximum`` are not sent
+    (the broker's own settings decide), ``clean_start`` is sent as the clean-session flag,
+    a refusal has no reason string of its own, and ``stop(send_will=True)`` closes the socket
+    without DISCONNECT, the only way 3.1.1 has to make the broker publish the will."""
     clean_start: bool = False
     """False resumes the broker's session (subscriptions and unacknowledged messages) on every
     connect, including the first one after a process restart. paho's own default cleans the
-    session on the first connect of each process, which would lose a device's queued jobs."""
+    session on the first connect of each process, which would lose a device's queued jobs.
+    In MQTT 3.1.1 this is the clean-session flag."""
     session_expiry_s: int = SEVEN_DAYS_S
     """How long the broker keeps the session after a disconnect: 7 days, so a device offline
-    for days still finds its queued jobs (AWS IoT's one-hour default loses them)."""
+    for days still finds its queued jobs (AWS IoT's one-hour default loses them). MQTT 5 only:
+    with 3.1.1 the broker keeps a persistent session as long as its own configuration says
+    (Mosquitto: ``persistent_client_expiration``, default for ever)."""
     keepalive_s: int = 60
     """Longest silence before a PINGREQ; the broker drops us after 1.5 times this."""
     receive_maximum: int = 20
     """How many QoS 1 messages the broker may send us before we acknowledge one. With manual
     acks this is the backpressure: a slow application stops the flow at the broker, so the
-    adapter never holds more than this many unacknowledged messages and never drops one."""
+    adapter never holds more than this many unacknowledged messages and never drops one.
+    MQTT 5 only: with 3.1.1 the broker's own in-flight limit applies (Mosquitto's
+    ``max_inflight_messages``, 20 by default)."""
     connect_timeout_s: float = 30.0
     """Bound on each step of a connection attempt: TCP (and TLS) connect, then CONNACK."""
     operation_timeout_s: float = 30.0
@@ -81,7 +105,19 @@ class MqttSettings:
     """A client TLS context (CA, and for mTLS the device's certificate and key), or None for
     plain TCP. The TLS handshake runs with the TCP connect, off the event loop."""
 
+    @property
+    def mqtt5(self) -> bool:
+        """True when the client speaks MQTT 5 (properties, reason codes, shared subscriptions)."""
+        return self.protocol_version is MqttVersion.V5
+
     def __post_init__(self) -> None:
+        try:
+            # frozen: the documented way to normalise a field is object.__setattr__
+            object.__setattr__(self, "protocol_version", MqttVersion(self.protocol_version))
+        except ValueError:
+            raise InvalidArgument(
+                "protocol_version", self.protocol_version, "'5' or '3.1.1'"
+            ) from None
         _check(bool(self.host), "host", self.host, "a host name or address")
         _check(0 < self.port <= MAX_UINT16, "port", self.port, "in 1..65535")
         _check(
