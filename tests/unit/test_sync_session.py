@@ -259,6 +259,7 @@ class TestInbound:
         s = session()
         actions = s.on_message(topic(Channel.DESIRED, "kiosk-other"), desired(1), "t", NOW)
         assert [type(a) for a in actions] == [Dropped, AckInbound]
+        assert isinstance(actions[0], Dropped)
         assert actions[0].code == "not_my_topic"
         assert s.in_progress is None
 
@@ -271,6 +272,7 @@ class TestInbound:
         payload = s.presence(PresenceStatus.ONLINE, NOW * 1000)
         actions = s.on_message(presence_topic, payload, "t", NOW)
         assert [type(a) for a in actions] == [Dropped, AckInbound]
+        assert isinstance(actions[0], Dropped)
         assert actions[0].code == "unexpected_type"
 
 
