@@ -153,7 +153,7 @@ class Director:
     def sign(
         self,
         device: str,
-        target: TargetRef,
+        target: TargetRef | None,  # None: a release
         *,
         sequence: int | None = None,
         rollout: str | None = "ro-test",

@@ -126,6 +126,11 @@ class AgentConfig:
     #: Fleet devices: resend results and events the control plane has not acknowledged
     #: after this long (it deduplicates by message id).
     sync_ack_timeout_s: float = 30.0
+    #: Fleet devices: a download that failed for a passing reason (the network, a repository
+    #: being re-signed) is tried again after a pause that doubles from this ...
+    sync_retry_min_s: float = 5.0
+    #: ... up to this, with jitter, for as long as its desired state stands.
+    sync_retry_max_s: float = 300.0
     #: Testing only: the process kills itself with SIGKILL at this named point.
     crash_point: str | None = None
     #: The fleet this device is enrolled in (``edgelm agent enroll``); read from the state
@@ -324,6 +329,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("telemetry_interval_s", "telemetry_interval_s", _positive_float),
     Setting("mqtt_session_expiry_s", "mqtt_session_expiry_s", _positive_int),
     Setting("sync_ack_timeout_s", "sync_ack_timeout_s", _positive_float),
+    Setting("sync_retry_min_s", "sync_retry_min_s", _positive_float),
+    Setting("sync_retry_max_s", "sync_retry_max_s", _positive_float),
     Setting("crash_point", "test_crash_point", _optional_str),
     Setting("log_format", "log_format", _log_format),
     Setting("log_level", "log_level", _log_level),

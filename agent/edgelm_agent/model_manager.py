@@ -109,7 +109,12 @@ class ModelManager:
             log.error("no_verified_model", active=state.active, previous=state.previous)
 
     async def activate(
-        self, ref: str, *, event: str = "activated", details: dict[str, Any] | None = None
+        self,
+        ref: str,
+        *,
+        event: str = "activated",
+        details: dict[str, Any] | None = None,
+        reason: str = "requested",
     ) -> ModelTarget:
         """Verify, load, health-check and switch to ``ref``. ``details`` (the desired state
         and rollout that asked for it) go into the registry's history with the outcome, and
@@ -137,7 +142,7 @@ class ModelManager:
 
             def commit(state: RegistryState) -> RegistryState:
                 if event == "rolled_back":
-                    return state.rolled_back(target.ref, "requested", recorded)
+                    return state.rolled_back(target.ref, reason, recorded)
                 if state.active != target.ref or details is not None:
                     return state.activated(target.ref, recorded)
                 return state  # a restart on the recorded model: nothing new happened
@@ -186,11 +191,32 @@ class ModelManager:
             if self._running_cancel is cancel:
                 self._running_cancel = None
 
-    async def rollback(self) -> ModelTarget:
+    async def rollback(
+        self, *, details: dict[str, Any] | None = None, reason: str = "requested"
+    ) -> ModelTarget:
         previous = self.registry.state().previous
         if previous is None:
             raise ModelNotInstalled("there is no previous model to roll back to")
-        return await self.activate(previous, event="rolled_back")
+        return await self.activate(previous, event="rolled_back", details=details, reason=reason)
+
+    async def deactivate(
+        self, *, details: dict[str, Any] | None = None, reason: str = "requested"
+    ) -> str | None:
+        """Serve no model: the active one is unloaded once its requests are done, and the
+        registry records that nothing is active. Returns what was active, if anything."""
+        async with self._lock:
+            active = self.registry.state().active
+            if active is None:
+                return None
+            old = self.host.active
+            self.host.set_active(None)
+            await asyncio.to_thread(
+                self.registry.update, lambda state: state.deactivated(active, reason, details)
+            )
+            log.info("model_deactivated", model=active, reason=reason)
+        if old is not None:
+            asyncio.get_running_loop().create_task(self._retire(old))
+        return active
 
     async def _prepare(self, target: ModelTarget) -> tuple[ServingModel, HealthFigures]:
         path: Path = await self._in_registry_thread(

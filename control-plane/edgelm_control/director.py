@@ -14,8 +14,10 @@ A desired state tells one device which TUF target to run. The director:
 * re-signs current assignments before they expire, so a device away for longer than the
   expiry still finds a valid state when it returns.
 
-"Nothing desired" (an abort for a device that ran no model before) is an empty retained
-message, which clears the retained desired state on the broker.
+"No model" (an abort for a device whose previous model the fleet cannot name) is a signed
+*release*: a desired state whose target is null, sequenced, expiring and re-signed like any
+other. The device stops its download and undoes what the rollout switched (see
+``edgelm_protocol.desired``).
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from edgelm_control.store import Store
 from edgelm_control.store.desired import (
     DesiredRecord,
     expiring,
+    mark_current_unpublished,
     mark_published,
     next_sequence,
     record_desired,
@@ -109,21 +112,18 @@ class Director:
         sequence = await next_sequence(conn, device_id, floor=floor, now_ms=now_ms)
         issued_at = seconds(now_ms)
         expires = issued_at + self.expiry_s
-        payload: str | None = None
         target = assignment.target
-        if target is not None:
-            state = DesiredState(
-                fleet=self.fleet,
-                device=device_id,
-                sequence=sequence,
-                issued_at=issued_at,
-                expires=expires,
-                rollout=assignment.rollout_id,
-                target=target,
-            )
-            document = DesiredDocument.from_json(sign_desired(state, self._key))
-            envelope = new_envelope(document, sender=CONTROL_SENDER, ts_ms=now_ms)
-            payload = encode(envelope).decode()
+        state = DesiredState(
+            fleet=self.fleet,
+            device=device_id,
+            sequence=sequence,
+            issued_at=issued_at,
+            expires=expires,
+            rollout=assignment.rollout_id,
+            target=target,
+        )
+        document = DesiredDocument.from_json(sign_desired(state, self._key))
+        envelope = new_envelope(document, sender=CONTROL_SENDER, ts_ms=now_ms)
         await record_desired(
             conn,
             device_id,
@@ -131,9 +131,9 @@ class Director:
             rollout_id=assignment.rollout_id,
             model=assignment.model if target is not None else None,
             target=None if target is None else (target.path, target.length, target.sha256),
-            issued_at_s=issued_at if target is not None else None,
-            expires_s=expires if target is not None else None,
-            document=payload,
+            issued_at_s=issued_at,
+            expires_s=expires,
+            document=encode(envelope).decode(),
             now_ms=now_ms,
         )
         self._metrics.desired_issued.inc()
@@ -184,12 +184,11 @@ class Director:
             async with self._store.write() as conn:
                 due = await expiring(conn, before_s=horizon, limit=200)
                 for record in due:
-                    if record.target is None:
-                        continue
+                    target = None if record.target is None else TargetRef(*record.target)
                     await self.issue(
                         conn,
                         record.device_id,
-                        Assignment(record.model, TargetRef(*record.target), record.rollout_id),
+                        Assignment(record.model, target, record.rollout_id),
                         floor=record.sequence,
                     )
             count += len(due)
@@ -199,3 +198,29 @@ class Director:
             log.info("desired_resigned", devices=count)
             await self.publish_pending()
         return count
+
+    async def republish_current(self, *, batch: int = 500) -> int:
+        """Publish every device's current desired state again; return how many the broker took.
+
+        For a connection without a session (``session_present`` False): the broker may have
+        lost its retained messages (restarted without persistence, or replaced), so a device
+        that connects would find no desired state. The current states are first marked
+        unpublished in the store, ``batch`` devices per transaction, then
+        :meth:`publish_pending` sends them; what a new outage or a crash leaves unpublished
+        goes out on the next connection, like any unpublished state. Republishing a state the
+        broker still holds is harmless: the same envelope again, which devices ignore.
+        """
+        marked = 0
+        after: str | None = None
+        # Under the publishing lock: a publish to the old broker still in flight cannot
+        # mark its state published after this marked it unpublished.
+        async with self._publishing:
+            while True:
+                async with self._store.write() as conn:
+                    ids = await mark_current_unpublished(conn, after_device_id=after, limit=batch)
+                if not ids:
+                    break
+                marked += len(ids)
+                after = ids[-1]
+        log.info("desired_republishing", devices=marked)
+        return await self.publish_pending()

@@ -158,6 +158,8 @@ class ControlService:
             async def announce_current() -> None:
                 await announce(await repository.timestamp_version())
 
+            # A broker that held no session for us may hold no retained desired states either.
+            link.when_session_lost("desired_republish", director.republish_current)
             link.when_connected("desired", director.publish_pending)
             link.when_connected("jobs", jobs.dispatch)
             link.when_connected("announce", announce_current)

@@ -5,8 +5,14 @@ The wire form, retained on ``edgelm/v1/{fleet}/dev/{device}/desired``::
     {"signed": {"fleet": "acme", "device": "kiosk-17", "sequence": 42,
                 "issued_at": 1795344276, "expires": 1795949076, "rollout": "ro-3f2a" | null,
                 "target": {"path": "models/smollm2/1.0/model.gguf", "length": 101376,
-                           "hashes": {"sha256": "<hex64>"}}},
+                           "hashes": {"sha256": "<hex64>"}} | null},
      "signatures": [{"keyid": "<hex64>", "sig": "<hex128>"}]}
+
+A ``null`` target is a *release*: the fleet assigns the device no model. The device stops any
+download in progress and undoes what the named rollout switched: it goes back to the model it
+ran before, or serves none if it ran none. It is signed and sequenced like any other desired
+state, so an attacker cannot forge or replay one (an empty retained message could not say
+which rollout it undoes, nor be told apart from a broker that lost its state).
 
 :func:`verify_desired` decides whether a device may act on a document. The broker is not
 trusted (whoever owns it can publish anything, replay anything and withhold anything), so the
@@ -23,7 +29,8 @@ bug and raises :class:`MalformedMessage`. The fifth check (the target is in veri
 metadata with the same length and hashes) needs the registry, so the agent does it.
 
 Everything here is pure: the caller passes the keys, its ids, the last applied sequence and the
-reference time (the agent gives max(wall clock, last-known-good), because a Pi has no RTC).
+reference time. The agent gives max(wall clock, the ``issued_at`` of the last desired state it
+applied): a Pi has no RTC, and a clock reset to 1970 must not make an old state look fresh.
 """
 
 from __future__ import annotations
@@ -109,7 +116,7 @@ class DesiredState:
     issued_at: int
     expires: int
     rollout: str | None
-    target: TargetRef
+    target: TargetRef | None  # None: a release (see the module docstring)
 
     @classmethod
     def from_json(cls, value: object, path: str = "signed") -> Self:
@@ -130,7 +137,9 @@ class DesiredState:
             issued_at=issued_at,
             expires=expires,
             rollout=reader.optional_identifier("rollout", check_rollout_id),
-            target=TargetRef.from_json(reader.raw("target"), reader.at("target")),
+            target=None
+            if reader.raw("target") is None
+            else TargetRef.from_json(reader.raw("target"), reader.at("target")),
         )
 
     def to_json(self) -> JSONObject:
@@ -141,7 +150,7 @@ class DesiredState:
             "issued_at": self.issued_at,
             "expires": self.expires,
             "rollout": self.rollout,
-            "target": self.target.to_json(),
+            "target": None if self.target is None else self.target.to_json(),
         }
 
 

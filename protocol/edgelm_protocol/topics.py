@@ -10,8 +10,8 @@ a wildcard or another device's topic by accident (aiomqtt's ``Topic`` is the mod
 is part of the topic, not only of the envelope: a future ``v2`` fleet gets its own subscriptions
 instead of feeding v1 receivers messages they must refuse one by one.
 
-:data:`CHANNELS` is the spec's table as data (direction, QoS, retained, envelope types) so the
-agent, the control plane and the broker ACL generator read one source.
+:data:`CHANNELS` is docs/protocol.md's topic table as data (direction, QoS, retained, envelope
+types), so the agent, the control plane and the broker ACL generator read one source.
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ class Direction(StrEnum):
 
 @dataclass(frozen=True)
 class ChannelSpec:
-    """One row of the spec's topic table."""
+    """One row of the topic table (docs/protocol.md)."""
 
     direction: Direction
     qos: int

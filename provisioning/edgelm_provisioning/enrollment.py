@@ -187,7 +187,7 @@ def build_bundle(
     root: dict[str, Any],
     director_keys: list[str],
 ) -> dict[str, Any]:
-    """The bundle's JSON object, exactly as layout-spec.md fixes it."""
+    """The bundle's JSON object, field by field as docs/fleet.md documents it."""
     config = fleet.config
     return {
         "format": BUNDLE_FORMAT,

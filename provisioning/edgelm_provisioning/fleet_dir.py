@@ -1,7 +1,7 @@
 """The fleet directory: where each file lives, and ``fleet.toml``, the fleet's own settings.
 
-Layout (``/tmp/edgelm-spec/layout-spec.md``; what leaves the operator's machine is said in
-:mod:`edgelm_provisioning.fleet_init`)::
+Layout (documented for operators in docs/fleet.md; what leaves the operator's machine is said
+in :mod:`edgelm_provisioning.fleet_init`)::
 
     DIR/
       fleet.toml              fleet, control_url, broker_url

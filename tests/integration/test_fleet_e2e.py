@@ -312,6 +312,29 @@ class TestFaults:
             _status, registry = full_fleet.agents[device].request("GET", "/v1/registry/models")
             assert registry["active"] == "tiny@1.0", device
 
+    def test_aborting_a_first_rollout_leaves_devices_as_they_were(self, full_fleet: FullFleet):
+        """The fleet's first model, aborted after the canary switched: the canary is released
+        and serves no model again (as before the rollout), the other device never gets it,
+        and no row is left waiting for a rollback that cannot come."""
+        for device in ("kiosk-1", "kiosk-2"):
+            full_fleet.add_device(device)
+        full_fleet.push("tiny", "1.0")
+        rollout = full_fleet.rollout("tiny@1.0", waves="1,rest", pause_between_waves=True)
+        full_fleet.wait_rollout(rollout, "paused")
+        canary = _canary(full_fleet, rollout)
+        other = next(d for d in full_fleet.agents if d != canary)
+        assert full_fleet.serves(canary) == "tiny"
+        full_fleet.fleet("rollouts", "abort", rollout)
+        full_fleet.wait_for(
+            lambda: full_fleet.states(rollout) == {canary: "rolled_back", other: "cancelled"},
+            "the release",
+        )
+        assert full_fleet.show(rollout)["state"] == "aborted"
+        for device in full_fleet.agents:
+            assert full_fleet.serves(device) is None, device
+            _status, registry = full_fleet.agents[device].request("GET", "/v1/registry/models")
+            assert registry["active"] is None, device
+
     def test_the_control_plane_restarted_mid_rollout_loses_nothing(self, full_fleet: FullFleet):
         """kill -9 of the control plane between waves: restarted, it carries on from its
         store, the first wave is not run again, and the rollout completes."""

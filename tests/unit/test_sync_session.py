@@ -198,6 +198,27 @@ class TestDesiredStates:
         assert actions[-1] == AckInbound("t")
         assert s.in_progress is None
 
+    def test_expiry_is_judged_at_the_last_known_good_time_when_the_clock_fell_back(self):
+        """A Pi without an RTC boots in 1970: a state issued after the last one applied, but
+        expired before it was, is refused as expired, not applied on the strength of the
+        wrong clock."""
+        s = session(applied_sequence=3)
+        s.on_message(topic(Channel.DESIRED), desired(4), "t", NOW)
+        s.on_desired_done(4, issued_at=NOW)
+        assert s.known_good_s == NOW
+        old_but_unseen = desired(5, expires=NOW - 5)  # expired before the last one was issued
+        actions = s.on_message(topic(Channel.DESIRED), old_but_unseen, "t", 0)  # clock at 1970
+        [dropped] = [a for a in actions if isinstance(a, Dropped)]
+        assert dropped.code == "expired_desired_state"
+        assert s.in_progress is None
+
+    def test_a_release_is_applied_like_any_desired_state(self):
+        """A signed state with no target reaches the shell (which undoes the rollout)."""
+        state = DesiredState(FLEET, DEVICE, 9, NOW - 10, NOW + 60, "ro-1", None)
+        payload = from_control(DesiredDocument.from_json(sign_desired(state, KEY)))
+        actions = session().on_message(topic(Channel.DESIRED), payload, "t", NOW)
+        assert actions == [ApplyDesired(state), AckInbound("t")]
+
     def test_done_moves_the_applied_sequence(self):
         """After a desired state is done, its replay is ignored and an older one refused."""
         s = session()

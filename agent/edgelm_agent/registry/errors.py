@@ -21,6 +21,10 @@
     ├── RegistryBusy             another process (a running agent) holds the registry
     └── ActivationFailed         the model failed to load or its health check; rolled back
 
+``transient`` marks the failures worth trying again unchanged (the network, a repository whose
+metadata is being re-signed, a registry another process holds): fleet sync retries those with
+backoff while the desired state stands, and reports the others as final.
+
 The python-tuf exceptions are translated at the boundary (``raise ... from exc``), so callers
 match on these classes and their attributes, never on strings.
 """
@@ -32,6 +36,7 @@ from edgelm_agent.errors import EdgelmError
 
 class RegistryError(EdgelmError):
     code = "registry_error"
+    transient = False  # see the module docstring
 
 
 class RepositoryError(RegistryError):
@@ -46,6 +51,7 @@ class VerificationError(RepositoryError):
 
 class ExpiredMetadata(RepositoryError):
     code = "metadata_expired"
+    transient = True  # the repository re-signs its timestamp; a freeze stays refused
 
 
 class RollbackAttack(RepositoryError):
@@ -70,6 +76,7 @@ class MetadataTooLarge(RepositoryError):
 
 class DownloadError(RegistryError):
     code = "download_failed"
+    transient = True
 
 
 class Cancelled(RegistryError):
@@ -113,6 +120,7 @@ class VersionConflict(RegistryError):
 
 class RegistryBusy(RegistryError):
     code = "registry_busy"
+    transient = True
 
 
 class ActivationFailed(RegistryError):

@@ -33,7 +33,7 @@ HISTORY_LIMIT = 200
 @dataclass(frozen=True)
 class HistoryEntry:
     at: str
-    event: str  # installed, activated, activation_failed, rolled_back, removed
+    event: str  # installed, activated, activation_failed, rolled_back, deactivated, removed
     model: str
     reason: str | None = None
     #: Position in the registry's event log; 0 for entries older than the numbering.
@@ -95,6 +95,14 @@ class RegistryState:
         previous = self.active if self.active != ref else self.previous
         entry = HistoryEntry.now("rolled_back", ref, reason, details)
         return self.with_event(entry, active=ref, previous=previous)
+
+    def deactivated(
+        self, ref: str, reason: str, details: dict[str, Any] | None = None
+    ) -> RegistryState:
+        """Nothing is served any more. ``previous`` stays: ``ref`` was withdrawn, so a
+        rollback must not bring it back."""
+        entry = HistoryEntry.now("deactivated", ref, reason, details)
+        return self.with_event(entry, active=None)
 
     def removed(self, refs: set[str]) -> RegistryState:
         models = {k: v for k, v in self.models.items() if k not in refs}

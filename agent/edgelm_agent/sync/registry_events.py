@@ -18,6 +18,7 @@ from edgelm_protocol import EventKind
 
 CURSOR = "registry_events_cursor"
 APPLIED = "desired_applied_sequence"
+KNOWN_GOOD = "desired_known_good_s"  # issued_at of the newest desired state applied
 
 #: Registry history → the protocol's event kinds. ``removed`` (gc) stays local.
 KINDS = {
@@ -74,7 +75,8 @@ def start_cursor(next_seq: int) -> Any:
 
 
 def transfer(entries: Sequence[HistoryEntry], limits: OutboxLimits) -> Any:
-    """Move the entries after the cursor into the outbox; returns how many went."""
+    """Move the entries after the cursor into the outbox; returns how many went. A full
+    outbox stops the move, never fails it: what did not fit goes on a later call."""
 
     def op(conn: sqlite3.Connection) -> int:
         cursor = int(get_value(conn, CURSOR) or 0)
@@ -84,7 +86,12 @@ def transfer(entries: Sequence[HistoryEntry], limits: OutboxLimits) -> Any:
                 continue
             body = event_body(entry)
             if body is not None:
-                outbox.append(conn, MessageKind.EVENT, body, limits)
+                try:
+                    outbox.append(conn, MessageKind.EVENT, body, limits)
+                except outbox.OutboxFull:
+                    # The rest waits in the registry's history until the link drains the
+                    # outbox; the cursor stops before the first entry that did not fit.
+                    break
                 moved += 1
             cursor = entry.seq
         set_value(conn, CURSOR, str(cursor))

@@ -72,6 +72,7 @@ from edgelm_protocol.mqtt import (
     MqttSettings,
     MqttTransportError,
     MqttWill,
+    ReconnectBackoff,
     parse_broker_url,
 )
 from edgelm_protocol.topics import Channel
@@ -165,17 +166,24 @@ class SyncService:
                 "applied_sequence": self.session.applied_sequence,
                 "in_progress": None
                 if running is None or running.task is None or running.task.done()
-                else {"sequence": running.state.sequence, "target": running.state.target.path},
+                else {
+                    "sequence": running.state.sequence,
+                    "target": None if running.state.target is None else running.state.target.path,
+                },
             },
         }
 
     # --- the service ---
 
     async def run(self) -> None:
-        applied = await self.db.read(
-            lambda c: registry_events.get_value(c, registry_events.APPLIED)
+        applied, known_good = await self.db.read(
+            lambda c: (
+                registry_events.get_value(c, registry_events.APPLIED),
+                registry_events.get_value(c, registry_events.KNOWN_GOOD),
+            )
         )
         self.session.applied_sequence = int(applied or 0)
+        self.session.known_good_s = int(known_good or 0)
         self.metrics.desired_sequence.set(self.session.applied_sequence)
         await self.db.run(registry_events.start_cursor(self.registry.state().next_seq))
         settings = mqtt_settings(self.config, self.enrollment)
@@ -443,6 +451,12 @@ class SyncService:
         state = run.state
         target = state.target
         cause = {"desired_sequence": state.sequence, "rollout": state.rollout}
+        if target is None:
+            try:
+                await self._release(state, cause)
+            finally:
+                await self._done(state)
+            return
         log.info("desired_state_applying", sequence=state.sequence, target=target.path)
         await self._report(_event(EventKind.DESIRED_ACCEPTED, state))
         try:
@@ -460,32 +474,79 @@ class SyncService:
             except EdgelmError as exc:  # recorded in the history: reported from there
                 log.warning("desired_state_not_activated", model=installed.ref, error=str(exc))
         finally:
-            await self._done(state.sequence)
+            await self._done(state)
+
+    async def _release(self, state: DesiredState, cause: dict[str, Any]) -> None:
+        """A desired state with no target: the fleet assigns this device no model.
+
+        The download it superseded has stopped already (latest wins). What remains is to undo
+        the switch the named rollout made, if it made one and nothing changed since: back to
+        the previous model, or to serving none when there is no previous one. A model that
+        someone else activated (a local operator, another rollout) is left alone.
+        """
+        log.info("desired_state_release", sequence=state.sequence, rollout=state.rollout)
+        registry_state = await asyncio.to_thread(self.registry.state)
+        if not _switched_by(registry_state, state.rollout):
+            return
+        reason = f"released by the fleet (rollout {state.rollout})"
+        try:
+            previous = registry_state.previous
+            if previous is not None and previous in registry_state.models:
+                await self.models.rollback(details=cause, reason=reason)
+            else:
+                await self.models.deactivate(details=cause, reason=reason)
+        except EdgelmError as exc:  # a failed activation is in the history: reported there
+            log.warning("desired_state_release_failed", error=str(exc))
 
     async def _install(self, run: DesiredRun) -> ModelTarget | None:
+        """Download and verify the target. A transient failure (the network, a repository
+        being re-signed) is tried again with backoff for as long as this desired state
+        stands and has not expired; anything else is final and reported as
+        ``install_failed``. The partial file is kept between tries, so each resumes."""
         state, target = run.state, run.state.target
+        assert target is not None
         await self._report(_event(EventKind.DOWNLOAD_STARTED, state))
         progress = _Progress()
         reporter = asyncio.get_running_loop().create_task(self._progress(progress, state))
+        longest = self.config.sync_retry_max_s
+        backoff = ReconnectBackoff(min(self.config.sync_retry_min_s, longest), longest)
+        attempt = 0
         try:
-            return await asyncio.to_thread(
-                self.registry.install_target,
-                target.path,
-                length=target.length,
-                sha256=target.sha256,
-                progress=progress.update,
-                cancel=run.cancel,
-                details={"desired_sequence": run.state.sequence, "rollout": run.state.rollout},
-            )
-        except InstallCancelled as exc:
-            await self._report(_event(EventKind.INSTALL_CANCELLED, state, reason=str(exc)))
-        except RegistryError as exc:
-            reason = f"{exc.code}: {exc}"
-            await self._report(_event(EventKind.INSTALL_FAILED, state, reason=reason))
-            log.warning("desired_state_install_failed", target=target.path, error=str(exc))
+            while True:
+                try:
+                    return await asyncio.to_thread(
+                        self.registry.install_target,
+                        target.path,
+                        length=target.length,
+                        sha256=target.sha256,
+                        progress=progress.update,
+                        cancel=run.cancel,
+                        details={"desired_sequence": state.sequence, "rollout": state.rollout},
+                    )
+                except InstallCancelled as exc:
+                    await self._report(_event(EventKind.INSTALL_CANCELLED, state, reason=str(exc)))
+                    return None
+                except RegistryError as exc:
+                    reason = f"{exc.code}: {exc}"
+                    pause = backoff.delay_s(attempt)
+                    if not exc.transient or time.time() + pause >= state.expires:
+                        await self._report(_event(EventKind.INSTALL_FAILED, state, reason=reason))
+                        log.warning("desired_state_install_failed", target=target.path,
+                                    error=str(exc), attempts=attempt + 1)  # fmt: skip
+                        return None
+                attempt += 1
+                log.info("desired_state_install_retry", target=target.path, attempt=attempt,
+                         retry_in_s=round(pause, 1), error=reason[:300])  # fmt: skip
+                # The event log shows the retries (the row stays "downloading").
+                retry = f"retry {attempt} in {pause:.0f} s after {reason}"
+                await self._report(_event(EventKind.DOWNLOAD_STARTED, state, reason=retry))
+                if await _cancelled_within(run.cancel, pause):
+                    await self._report(
+                        _event(EventKind.INSTALL_CANCELLED, state, reason="superseded")
+                    )
+                    return None
         finally:
             reporter.cancel()
-        return None
 
     async def _progress(self, progress: _Progress, state: DesiredState) -> None:
         sent = (-1, -1)
@@ -510,12 +571,15 @@ class SyncService:
                 break
         await self._report(_event(EventKind.ACTIVATED, state, model=target.ref), health=health)
 
-    async def _done(self, sequence: int) -> None:
-        self.session.on_desired_done(sequence)
-        applied = self.session.applied_sequence
-        await self.db.run(
-            lambda c: registry_events.set_value(c, registry_events.APPLIED, str(applied))
-        )
+    async def _done(self, state: DesiredState) -> None:
+        self.session.on_desired_done(state.sequence, state.issued_at)
+        applied, known_good = self.session.applied_sequence, self.session.known_good_s
+
+        def persist(c: Any) -> None:
+            registry_events.set_value(c, registry_events.APPLIED, str(applied))
+            registry_events.set_value(c, registry_events.KNOWN_GOOD, str(known_good))
+
+        await self.db.run(persist)
         self.metrics.desired_sequence.set(applied)
         self._registry_changed.set()
         await self._publish_state()
@@ -540,6 +604,34 @@ def _event(
         rollout=state.rollout,
         model=model,
     )
+
+
+async def _cancelled_within(cancel: threading.Event, seconds: float) -> bool:
+    """Sleep up to ``seconds``; True as soon as ``cancel`` is set (a thread-side event, as
+    the registry's download checks it)."""
+    deadline = time.monotonic() + seconds
+    while not cancel.is_set():
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return False
+        await asyncio.sleep(min(left, 0.25))
+    return True
+
+
+def _switched_by(state: RegistryState, rollout: str | None) -> bool:
+    """Whether the active model is there because ``rollout`` activated it: the newest entry
+    that changed the active model was that rollout's."""
+    if rollout is None or state.active is None:
+        return False
+    for entry in reversed(state.history):
+        if entry.event in ("activated", "rolled_back", "deactivated"):
+            details = entry.details or {}
+            return (
+                entry.event == "activated"
+                and entry.model == state.active
+                and details.get("rollout") == rollout
+            )
+    return False
 
 
 def _installed(state: RegistryState, path: str, sha256: str) -> ModelTarget | None:

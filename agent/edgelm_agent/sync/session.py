@@ -172,6 +172,10 @@ class SyncSession:
     agent_version: str
     #: Sequence of the last desired state this device applied (persisted by the shell).
     applied_sequence: int = 0
+    #: ``issued_at`` of the newest desired state it applied (persisted by the shell): the
+    #: last-known-good time. Expiry is judged at max(clock, this), so a device whose clock
+    #: fell back (no RTC, a dead battery) cannot be fed a state that expired long ago.
+    known_good_s: int = 0
     ack_timeout_s: float = 30.0
     connected: bool = False
     #: The desired state being applied now, if any.
@@ -255,7 +259,7 @@ class SyncSession:
                 fleet=self.fleet,
                 device=self.device,
                 last_applied=newest,
-                now=now_s,
+                now=max(now_s, self.known_good_s),
             )
         except StaleDesiredState as exc:
             if exc.sequence == newest:
@@ -279,10 +283,11 @@ class SyncSession:
             ),
         ]
 
-    def on_desired_done(self, sequence: int) -> None:
-        """The desired state ``sequence`` was acted on (whatever the outcome): a replay of it
-        is ignored from now on."""
+    def on_desired_done(self, sequence: int, issued_at: int = 0) -> None:
+        """The desired state ``sequence`` (issued at ``issued_at``) was acted on, whatever
+        the outcome: a replay of it is ignored from now on."""
         self.applied_sequence = max(self.applied_sequence, sequence)
+        self.known_good_s = max(self.known_good_s, issued_at)
         if self.in_progress is not None and self.in_progress.sequence <= sequence:
             self.in_progress = None
 

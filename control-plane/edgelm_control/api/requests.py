@@ -63,6 +63,9 @@ def limit_of(request: web.Request) -> int:
     return int(raw)
 
 
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+
+
 def int_query(request: web.Request, name: str) -> int | None:
     raw = request.query.get(name)
     if raw is None:
@@ -70,7 +73,13 @@ def int_query(request: web.Request, name: str) -> int | None:
     text = raw.strip()
     if not text.isascii() or not text.lstrip("-").isdigit():
         raise InvalidRequest(f"{name} must be an integer, got {raw!r}", param=name)
-    return int(text)
+    value = int(text[:40])  # longer is out of range anyway; int() of a huge string is slow
+    if len(text) > 40 or not _INT64_MIN <= value <= _INT64_MAX:
+        # The databases' BIGINT: beyond it SQLite raises OverflowError, a 500.
+        raise InvalidRequest(
+            f"{name} must be between {_INT64_MIN} and {_INT64_MAX}, got {raw[:60]!r}", param=name
+        )
+    return value
 
 
 def encode_cursor(key: list[Any]) -> str:
@@ -92,6 +101,7 @@ def decode_cursor(request: web.Request, *shape: type) -> list[Any] | None:
         or not all(
             isinstance(k, t) and not isinstance(k, bool) for k, t in zip(key, shape, strict=True)
         )
+        or any(isinstance(k, int) and not _INT64_MIN <= k <= _INT64_MAX for k in key)
     ):
         raise InvalidRequest("cursor is not one this server gave out", param="cursor")
     return key

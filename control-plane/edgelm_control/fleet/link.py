@@ -9,7 +9,10 @@ several replicas split the traffic.
 
 After every connection it runs the ``when_connected`` callbacks (the director republishes
 unpublished desired states, remote jobs resend queued ones), in the background so that a
-slow callback never holds the connection hook.
+slow callback never holds the connection hook. After a connection without a session
+(``session_present`` False) it first runs the ``when_session_lost`` callbacks: a broker that
+kept no session may have kept no retained messages either (restarted without persistence, or
+replaced), so the director publishes every current desired state again.
 """
 
 from __future__ import annotations
@@ -83,10 +86,16 @@ class FleetLink:
         self._metrics = metrics
         self._client = MqttClient(settings, on_connect=self._on_connect)
         self._callbacks: list[tuple[str, Callback]] = []
+        self._session_lost_callbacks: list[tuple[str, Callback]] = []
         self._tasks: set[asyncio.Task[None]] = set()
 
     def when_connected(self, name: str, callback: Callback) -> None:
         self._callbacks.append((name, callback))
+
+    def when_session_lost(self, name: str, callback: Callback) -> None:
+        """Run ``callback`` after a connection the broker held no session for, before the
+        ``when_connected`` callbacks."""
+        self._session_lost_callbacks.append((name, callback))
 
     async def start(self) -> None:
         await self._client.start()
@@ -119,17 +128,23 @@ class FleetLink:
         if not info.session_present:
             await self._client.subscribe([(f.value, 1) for f in self.filters])
             log.info("fleet_subscribed", filters=[f.value for f in self.filters])
-        task = asyncio.get_running_loop().create_task(self._after_connect(info.connection_id))
+        task = asyncio.get_running_loop().create_task(
+            self._after_connect(info.connection_id, session_present=info.session_present)
+        )
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _after_connect(self, connection_id: int) -> None:
+    async def _after_connect(self, connection_id: int, *, session_present: bool) -> None:
         try:
             await self._client.wait_connected()
         except ClientStateError:
             return
         self._metrics.broker_connected.set(1)
-        for name, callback in self._callbacks:
+        callbacks = self._callbacks
+        if not session_present:
+            log.info("fleet_session_new", connection_id=connection_id)
+            callbacks = self._session_lost_callbacks + callbacks
+        for name, callback in callbacks:
             try:
                 await callback()
             except Exception:  # one callback failing must not skip the others

@@ -213,7 +213,8 @@ class RolloutActions:
                 )
                 if previous is None:
                     note = (
-                        f"{reason}; it ran no model of this fleet before, so its desired "
-                        "state is cleared and it keeps what it runs"
+                        f"{reason}; the fleet has no model it ran before, so it is released: "
+                        "it stops the download, and unloads this rollout's model if it "
+                        "switched to it (or goes back to a model of its own)"
                     )
             await self.move(conn, row, DeviceEvent.ABORT, changes, reason=note, **values)

@@ -20,7 +20,8 @@ After an abort the row waits for the device to run its previous model again: a r
 ``activated`` (or ``rolled_back``) naming the row's previous model, for a desired state at or
 after the abort's (``desired_sequence >= abort_sequence``), is ``rolled_back``. A
 :class:`~edgelm_protocol.ReportedState` with the previous model active and an applied
-sequence at or after the abort's means the same (:func:`state_means_rolled_back`).
+sequence at or after the abort's means the same (:func:`state_means_rolled_back`); for a device
+that ran no model before, "previous" is no model at all.
 
 Reports about another model, or about a desired state older than the row's, mean nothing for
 the row (a straggler from an earlier rollout); so does a kind with no row event.
@@ -101,11 +102,12 @@ def _back_on_previous(row: RowFacts, report: Report) -> bool:
 def state_means_rolled_back(
     row: RowFacts, *, active_model: str | None, applied_sequence: int
 ) -> bool:
-    """Whether a device's reported state shows the row's rollback done."""
+    """Whether a device's reported state shows the row's rollback done: it applied the
+    abort's desired state and runs what it ran before the rollout (nothing, if it ran
+    nothing: a released device that unloaded the rollout's model)."""
     return (
         row.state is DeviceState.ROLLING_BACK
         and row.abort_sequence is not None
-        and row.previous_model is not None
         and active_model == row.previous_model
         and applied_sequence >= row.abort_sequence
     )

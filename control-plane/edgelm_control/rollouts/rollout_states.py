@@ -17,7 +17,7 @@ The engine turns a gate verdict into an event with :func:`wave_passed_event` and
 :func:`wave_failed_event`, as the agent's job lifecycle turns a failure into ``retry`` or
 ``give_up``: the table stays a literal table.
 
-Decisions the spec left open, and why:
+Decisions the design left open, and why:
 
 - ``halted`` is a state of its own, apart from ``paused``. Resuming an operator's pause asks
   the engine to look at the current wave again; resuming after a failed wave means the

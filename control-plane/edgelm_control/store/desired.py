@@ -7,7 +7,9 @@ It also never falls below what the device reports it applied (``floor``): a cont
 restored from an old backup, or a fresh database, still issues states the device accepts.
 
 ``published_sequence`` records the last state the broker took (PUBACK), so the director
-republishes what a broker outage or a crash left unpublished.
+republishes what a broker outage or a crash left unpublished. A broker that lost its retained
+messages (restarted without persistence, or replaced) holds none of them any more:
+:func:`mark_current_unpublished` says so, device by device, so they are all published again.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ class DesiredRecord:
     device_id: str
     sequence: int
     rollout_id: str | None
-    model: str | None  # None: nothing is desired (the retained message is cleared)
+    model: str | None  # None: a release, no model is desired (or a row from before 0.1)
     target_path: str | None
     target_length: int | None
     target_sha256: str | None
@@ -139,12 +141,42 @@ async def mark_published(conn: AsyncConnection, device_id: str, sequence: int) -
 
 
 async def expiring(conn: AsyncConnection, *, before_s: int, limit: int) -> list[DesiredRecord]:
-    """Current assignments (not cleared) that expire before ``before_s``."""
+    """Current desired states (assignments and releases) that expire before ``before_s``."""
     query = (
         select(desired_states)
-        .where(desired_states.c.model.is_not(None))
+        .where(desired_states.c.expires_s.is_not(None))
         .where(desired_states.c.expires_s < before_s)
         .order_by(desired_states.c.expires_s)
         .limit(limit)
     )
     return [_record(row) for row in await conn.execute(query)]
+
+
+async def mark_current_unpublished(
+    conn: AsyncConnection, *, after_device_id: str | None, limit: int
+) -> list[str]:
+    """Mark the current desired state of up to ``limit`` devices, by device id after
+    ``after_device_id``, as not taken by the broker (``published_sequence`` 0), so that
+    :func:`unpublished` returns it again; return those device ids, in order (pass the last
+    as ``after_device_id`` for the next batch; an empty list: no more).
+
+    Only rows with a document count (signed releases included): a row without one stands
+    for an empty retained message (nothing desired, as stored before releases were signed),
+    which is what a broker that lost its retained messages holds for that device already.
+    """
+    table = desired_states
+    query = select(table.c.device_id).where(table.c.document.is_not(None))
+    if after_device_id is not None:
+        query = query.where(table.c.device_id > after_device_id)
+    ids = [
+        str(i)
+        for i in (await conn.execute(query.order_by(table.c.device_id).limit(limit))).scalars()
+    ]
+    if ids:
+        await conn.execute(
+            update(table)
+            .where(table.c.device_id.in_(ids))
+            .where(table.c.document.is_not(None))
+            .values(published_sequence=0)
+        )
+    return ids

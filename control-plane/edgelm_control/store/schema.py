@@ -77,7 +77,7 @@ desired_states = Table(
     # whatever happens to the document below.
     Column("sequence", BigInteger, nullable=False),
     Column("rollout_id", String(ID)),
-    Column("model", String(MODEL)),  # None: nothing desired (the retained message is cleared)
+    Column("model", String(MODEL)),  # None: a release (the signed document has no target)
     Column("target_path", String(PATH)),
     Column("target_length", BigInteger),
     Column("target_sha256", String(SHA256)),

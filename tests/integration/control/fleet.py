@@ -1,8 +1,8 @@
 """The operator's side of a fleet, for tests: keys, the repository, tokens, signed pushes.
 
-``edgelm provision fleet-init`` is being written in parallel; this builds the same layout
-(``layout-spec.md``) with the same library calls, so the control plane under test reads what
-provisioning will write::
+This builds the layout ``edgelm provision fleet-init`` writes (docs/fleet.md, "The fleet
+directory") with the same library calls, so the control plane under test reads what
+provisioning writes::
 
     DIR/keys/root-0.pem, targets-0.pem          offline: signs root and models
     DIR/control/control.toml, tokens.json

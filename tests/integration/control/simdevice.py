@@ -92,6 +92,8 @@ class SimDevice:
         self.sent: dict[str, bytes] = {}  # every durable message ever emitted, by id
         self.acks: Counter[str] = Counter()
         self.desired: list[DesiredState] = []
+        #: The rollout whose desired state made ``active`` active (a release undoes only it).
+        self.switched_by: str | None = None
         self.refused: list[str] = []
         self.jobs: list[tuple[str, RemoteJob]] = []
         self.client: MqttClient | None = None
@@ -220,7 +222,7 @@ class SimDevice:
     async def event(self, kind: EventKind, state: DesiredState | None, **fields: Any) -> str:
         self.seq += 1
         model = None
-        if state is not None:
+        if state is not None and state.target is not None:
             model = model_of(state.target.path, state.target.sha256).key
         body = Event(
             seq=self.seq,
@@ -290,6 +292,12 @@ class SimDevice:
     async def apply(self, state: DesiredState) -> None:
         """Act on a verified desired state as the behaviour says, reporting each step."""
         self.applied_sequence = state.sequence
+        if state.target is None:  # a release: undo what that rollout switched, as the agent
+            if self.active is not None and self.switched_by == state.rollout:
+                self.active, self.previous = self.previous, None
+                self.switched_by = None
+            await self.send_state()
+            return
         target = model_of(state.target.path, state.target.sha256)
         outcome = self.behaviour.outcome
         if outcome == SILENT and target != self.active and target not in self.installed:
@@ -319,6 +327,7 @@ class SimDevice:
             )
             return
         self.previous, self.active = self.active, target
+        self.switched_by = state.rollout
         await self.event(EventKind.ACTIVATED, state, health=self._health())
         await self.send_state()
 

@@ -3,15 +3,22 @@ broker outage left unpublished, and shared subscriptions for several replicas.""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
 import pytest
 
 from edgelm_control.errors import ConfigError
 from edgelm_control.service import ControlService
+from edgelm_control.store.desired import get_desired
+from edgelm_protocol import Channel, Topic
+from edgelm_protocol.mqtt import InboundMessage, MqttClient, MqttSettings
 from tests.integration.control.conftest import StartControl, manual_clock, until
 from tests.integration.control.fleet import Fleet
 from tests.integration.control.test_rollouts import create, known, push
+from tests.mosquitto import Mosquitto
 
 DAY_S = 86400
 
@@ -62,6 +69,92 @@ class TestRepublishing:
         await until(lambda: device.active is not None)
         done = await control.wait_rollout(rollout["id"], lambda r: r["state"] == "completed")
         assert done["devices"][0]["state"] == "succeeded"
+
+
+@contextlib.asynccontextmanager
+async def observer(
+    port: int, name: str, filters: Sequence[str]
+) -> AsyncIterator[list[InboundMessage]]:
+    """A fresh client (clean start, no session) subscribed to ``filters``: the messages it
+    receives, retained ones first, in the order the broker sent them."""
+    client = MqttClient(
+        MqttSettings(
+            host="127.0.0.1",
+            port=port,
+            client_id=name,
+            clean_start=True,
+            session_expiry_s=0,
+            manual_ack=False,
+            reconnect_min_s=0.05,
+            reconnect_max_s=0.5,
+        )
+    )
+    received: list[InboundMessage] = []
+
+    async def collect() -> None:
+        async for message in client.messages():
+            received.append(message)
+
+    await client.start()
+    task = asyncio.get_running_loop().create_task(collect())
+    try:
+        await client.wait_connected()
+        await client.subscribe([(f, 1) for f in filters])
+        yield received
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await client.stop()
+
+
+class TestBrokerThatLostItsState:
+    async def test_a_restarted_broker_without_persistence_gets_the_desired_states_again(
+        self, start_control: StartControl, mosquitto: Mosquitto, fleet: Fleet
+    ):
+        """The broker restarts without persistence: its retained messages and the control
+        plane's session are gone. On the connection without a session the control plane
+        publishes every device's current desired state again, retained, byte for byte, so a
+        device connecting afterwards finds it (and the one connected ignores the copy)."""
+        control = await start_control(clock=manual_clock())
+        await push(control, "m", "1")
+        device = await control.device("a-1")
+        await known(control, "a-1")
+        await create(control, model="m@1", selector={"all": True}, waves="rest")
+        await until(lambda: device.active is not None)
+        store = control.service.store
+        assert store is not None
+        async with store.read() as conn:
+            record = await get_desired(conn, "a-1")
+        assert record is not None
+        assert record.document is not None
+        assert record.published
+        desired = Topic.for_device(fleet.name, "a-1", Channel.DESIRED).value
+        announce = Topic.announce(fleet.name).value
+        async with observer(mosquitto.port, "before", [desired]) as before:
+            await until(lambda: len(before) == 1)
+        assert before[0].payload == record.document.encode()
+
+        mosquitto.restart()  # a new process on the same port, with nothing retained
+
+        # The control plane publishes the announcement after the desired states (one task,
+        # each publish awaiting its PUBACK): once it is here, so is what came before it.
+        async with observer(mosquitto.port, "sync", [desired, announce]) as synced:
+            await until(lambda: any(m.topic == announce for m in synced))
+            assert [m.payload for m in synced if m.topic == desired] == [record.document.encode()]
+        async with observer(mosquitto.port, "after", [desired]) as after:
+            await until(lambda: len(after) == 1)
+        assert after[0].retain
+        assert after[0].payload == record.document.encode()
+        async with store.read() as conn:
+            again = await get_desired(conn, "a-1")
+        assert again is not None
+        assert (again.sequence, again.document, again.published) == (
+            record.sequence,
+            record.document,
+            True,
+        )
+        assert [d.sequence for d in device.desired] == [record.sequence]
 
 
 class TestSharedSubscriptions:

@@ -1,4 +1,4 @@
-"""Every rollout semantic of rollout-spec.md, with simulated devices on a real broker.
+"""Every rollout semantic of docs/fleet.md ("Rollouts"), with simulated devices on a real broker.
 
 The control plane runs with a :class:`~edgelm_control.clock.ManualClock`: time moves only when
 a test says so, so a seven-day expiry or a half-hour timeout is a step, not a wait, and no
@@ -415,6 +415,29 @@ class TestAbort:
         status, again = await control.call("POST", f"/api/v1/rollouts/{rollout['id']}/abort")
         assert status == 409
         assert again["error"]["code"] == "rollout_state_conflict"
+
+    async def test_aborting_a_first_rollout_releases_its_devices(self, start_control: StartControl):
+        """Devices that ran no model of the fleet: the abort cannot name a previous model,
+        so it sends a signed release. A device that switched unloads the model (it ran none
+        before); rows end rolled_back, not stuck in rolling_back."""
+        control = await start_control(clock=manual_clock())
+        devices = {n: await control.device(n) for n in ("a-switched", "b-switched")}
+        await known(control, *devices)
+        await push(control, "m", "1")
+        rollout = await create(control, model="m@1", selector={"all": True}, waves="rest")
+        await wait_states(control, rollout["id"], {"a-switched": "succeeded",
+                                                   "b-switched": "succeeded"})  # fmt: skip
+        status, _ = await control.call("POST", f"/api/v1/rollouts/{rollout['id']}/abort")
+        assert status == 200
+        final = await wait_states(
+            control, rollout["id"], {"a-switched": "rolled_back", "b-switched": "rolled_back"}
+        )
+        assert final["state"] == "aborted"
+        for device in devices.values():
+            release = device.desired[-1]
+            assert release.target is None
+            assert release.rollout == rollout["id"]
+            assert device.active is None
 
 
 class TestSupersede:

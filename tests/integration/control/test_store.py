@@ -21,6 +21,7 @@ from edgelm_control.store import Store
 from edgelm_control.store.desired import (
     expiring,
     get_desired,
+    mark_current_unpublished,
     mark_published,
     next_sequence,
     record_desired,
@@ -317,6 +318,38 @@ class TestDesiredSequences:
         assert record is not None
         assert record.published
         assert record.target is not None
+
+    async def test_current_states_are_marked_unpublished_in_batches_by_device_id(
+        self, store: Store
+    ):
+        """After a broker lost its retained messages: every row with a document is marked
+        unpublished, a batch at a time in device-id order; a row without one is left alone."""
+        async with store.write() as conn:
+            for device_id, document in [("c", "{}"), ("a", "{}"), ("b", None), ("d", "{}")]:
+                sequence = await next_sequence(conn, device_id, floor=4, now_ms=1)
+                await record_desired(
+                    conn,
+                    device_id,
+                    sequence=sequence,
+                    rollout_id=None,
+                    model=None,
+                    target=None,
+                    issued_at_s=None,
+                    expires_s=None,
+                    document=document,
+                    now_ms=1,
+                )
+                await mark_published(conn, device_id, sequence)
+            first = await mark_current_unpublished(conn, after_device_id=None, limit=2)
+            second = await mark_current_unpublished(conn, after_device_id=first[-1], limit=2)
+            third = await mark_current_unpublished(conn, after_device_id=second[-1], limit=2)
+            pending = await unpublished(conn)
+            untouched = await get_desired(conn, "b")
+        assert (first, second, third) == (["a", "c"], ["d"], [])
+        assert sorted(r.device_id for r in pending) == ["a", "c", "d"]
+        assert {r.sequence for r in pending} == {5}
+        assert untouched is not None
+        assert untouched.published
 
 
 class TestEvents:

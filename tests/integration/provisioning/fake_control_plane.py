@@ -1,17 +1,18 @@
 """FakeControlPlane: the REST routes ``edgelm fleet`` calls, small and honest, for its tests.
 
-The real control plane (``control-plane/``) is being written in parallel; until it exists,
-the operator CLI is tested against this fake. It is a fake, not a mock: it serves real HTTP
-on a real socket, reads the fleet directory's ``control/`` folder as the real server will
-(tokens.json, the TUF repository, the online keys), and implements the parts of
-``control-plane-spec.md`` that the CLI's behaviour depends on for real:
+The operator CLI is tested against this fake, which needs no broker, store or rollout engine
+(the real control plane, ``control-plane/``, has tests of its own). It is a fake, not a mock:
+it serves real HTTP on a real socket, reads the fleet directory's ``control/`` folder as the
+real server does (tokens.json, the TUF repository, the online keys), and implements the parts
+of the control plane's REST API (docs/control-plane.md) that the CLI's behaviour depends on
+for real:
 
 * bearer tokens checked against the sha256 hashes in tokens.json;
 * errors in the agent's body shape ``{"error": {"message", "type", "param", "code"}}``;
 * ``POST /api/v1/models``: the new targets metadata must verify against the root's targets
   keys and be the current version + 1, and every new blob must match the length and sha256
   the metadata lists; then the blobs are stored under consistent-snapshot names and snapshot
-  and timestamp re-signed with the online keys, as the spec says;
+  and timestamp re-signed with the online keys, as the real control plane does;
 * ``/repository/metadata/`` served from the repository folder (with ``metadata_overrides``
   to play a tampered server);
 * ``GET /api/v1/events``: server-sent events, which the test can drop.
@@ -20,8 +21,8 @@ What it does not do is run rollouts: no MQTT, no devices, no engine. A rollout's
 waves change only when the test says so (:meth:`set_device_state`,
 :meth:`set_rollout_state`), which also publishes the event a real server would.
 
-The response shapes below are what the CLI assumes from control-plane-spec.md; the tests
-marked in the report should move to the real control plane once it exists.
+The response shapes below are what the CLI assumes of the control plane's REST API
+(docs/control-plane.md).
 """
 
 from __future__ import annotations

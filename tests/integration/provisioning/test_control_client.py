@@ -58,7 +58,7 @@ class TestJsonCalls:
         assert answer == {"auth": "Bearer s3cret", "labels": ["a=1", "b=2"]}
 
     async def test_an_error_body_becomes_a_typed_error(self, serve):
-        """The spec's error body gives status, code, param and type as attributes."""
+        """The control plane's error body gives status, code, param and type as attributes."""
 
         async def handler(request: web.Request) -> web.Response:
             error = {"message": "no such rollout", "type": "not_found_error", "param": "id",

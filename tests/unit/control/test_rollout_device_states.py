@@ -85,7 +85,7 @@ SETTLED = {
     "succeeded", "failed", "timed_out", "expired", "cancelled", "rolled_back", "superseded",
 }  # fmt: skip
 ABSORBING = {"failed", "rolled_back", "superseded"}
-# The only ways out of a settled state the spec allows: an abort or a newer rollout after
+# The only ways out of a settled state docs/fleet.md allows: an abort or a newer rollout after
 # success; late reports reviving a timed-out or expired device; a device that switched before
 # it heard the abort.
 SPEC_EXITS: set[tuple[str, str]] = {
@@ -147,7 +147,7 @@ class TestDeviceStateSets:
             assert allowed_events(state) == frozenset()
 
     def test_final_states_leave_only_by_the_spec_exits(self) -> None:
-        """From a settled state the table has exactly the exits the spec allows."""
+        """From a settled state the table has exactly the documented exits."""
         exits = {(s.value, e.value) for (s, e) in TRANSITIONS if s in FINAL}
         assert exits == SPEC_EXITS
 

@@ -1,4 +1,4 @@
-"""Hypothesis strategies for the wire contract, written from the spec rather than from the code.
+"""Hypothesis strategies for the wire contract, written from docs/protocol.md, not the code.
 
 Patterns and ranges are restated here as literals so a test does not inherit a mistake from the
 constant it tests.
@@ -220,10 +220,14 @@ def desired_states(
         issued_at=issued_at,
         expires=draw(st.integers(issued_at + 1, 2**41)),
         rollout=draw(st.none() | ids),
-        target=TargetRef(
-            path=draw(st.builds("models/{}/{}/model.gguf".format, model_names, model_versions)),
-            length=draw(counts),
-            sha256=draw(sha256s),
+        target=draw(
+            st.none()  # a release
+            | st.builds(
+                TargetRef,
+                path=st.builds("models/{}/{}/model.gguf".format, model_names, model_versions),
+                length=counts,
+                sha256=sha256s,
+            )
         ),
     )
 

@@ -47,7 +47,7 @@ class TestPresence:
         assert Presence.from_json(body.to_json()) == body
 
     def test_wire_form(self) -> None:
-        """The JSON has exactly the spec's keys and values."""
+        """The JSON has exactly the keys and values docs/protocol.md lists."""
         body = Presence(status=PresenceStatus.OFFLINE, agent_version="0.1.0")
         assert body.to_json() == {"status": "offline", "agent_version": "0.1.0"}
 
@@ -97,7 +97,7 @@ class TestReportedState:
         assert ReportedState.from_json(body.to_json()) == body
 
     def test_reads_the_spec_example(self) -> None:
-        """A state as the spec describes it is read into values."""
+        """A state as docs/protocol.md describes it is read into values."""
         body = ReportedState.from_json(state_json())
         assert body.active == ModelRef("smollm2", "1.0", SHA)
         assert body.installed == (ModelRef("smollm2", "1.0", SHA),)
@@ -199,7 +199,7 @@ class TestEvent:
         assert Event.from_json(body.to_json()) == body
 
     def test_every_spec_kind_exists(self) -> None:
-        """The ten event kinds of the spec, and only those."""
+        """The ten event kinds of docs/protocol.md, and only those."""
         assert {kind.value for kind in EventKind} == {
             "desired_accepted", "desired_rejected", "download_started", "download_progress",
             "installed", "install_failed", "install_cancelled", "activated",

@@ -217,7 +217,7 @@ class TestVerifyDesired:
         """The last second before expires still counts."""
         assert verify(sign(STATE), now=STATE.expires - 1) == STATE
 
-    def test_checks_run_in_the_spec_order(self) -> None:
+    def test_checks_run_in_the_documented_order(self) -> None:
         """Signature, then fleet and device, then sequence, then expiry."""
         stale_wrong_device = state(device="kiosk-18", sequence=1)
         refused(ForgedDesiredState, sign(stale_wrong_device, ATTACKER))
@@ -336,10 +336,23 @@ class TestSignDesired:
 
 
 def target_json(**changes: object) -> dict[str, object]:
+    assert STATE.target is not None
     return STATE.target.to_json() | changes
 
 
 class TestDesiredState:
+    def test_a_release_is_signed_and_verified_like_any_state(self) -> None:
+        """A null target (a release) verifies, and its signature covers the null: nobody can
+        turn an assignment into a release, or back, without the director key."""
+        release = dataclasses.replace(STATE, target=None)
+        document = sign(release)
+        assert document["signed"]["target"] is None
+        assert verify(document, last_applied=0, now=release.issued_at).target is None
+        forged = sign(STATE)
+        forged["signed"]["target"] = None
+        with pytest.raises(ForgedDesiredState):
+            verify(forged, last_applied=0, now=STATE.issued_at)
+
     @given(desired=strategies.desired_states())
     def test_round_trip(self, desired: DesiredState) -> None:
         """from_json(to_json(x)) == x."""
@@ -390,7 +403,7 @@ class TestDesiredDocument:
 
 class TestDirectorKeys:
     def test_keyid_is_sha256_of_the_raw_public_key(self) -> None:
-        """The keyid is computed from the key, as the spec says."""
+        """The keyid is computed from the key, as docs/protocol.md says."""
         raw = DIRECTOR.public_key().public_bytes_raw()
         assert key_id(DIRECTOR.public_key()) == hashlib.sha256(raw).hexdigest()
         assert KEYS.keyids == {hashlib.sha256(raw).hexdigest()}

@@ -224,7 +224,7 @@ class TestDecode:
         assert (error.field, error.actual) == ("type", "presence")
 
     def test_unknown_types_are_malformed(self) -> None:
-        """A type the spec does not define is refused by field."""
+        """A type the protocol does not define is refused by field."""
         assert refused(EVENTS, payload_of(event_document(type="reboot"))).field == "type"
 
     def test_device_messages_must_come_from_the_topic_device(self) -> None:

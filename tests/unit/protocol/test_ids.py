@@ -26,7 +26,7 @@ ID_CHECKS = [check_fleet_id, check_device_id, check_rollout_id, check_share_grou
 class TestIds:
     @given(value=ids)
     def test_valid_ids_are_returned_unchanged(self, value: str) -> None:
-        """An id from the spec's pattern passes every id check as it is."""
+        """An id of the documented pattern passes every id check as it is."""
         for check in ID_CHECKS:
             assert check(value) == value
 

@@ -136,7 +136,7 @@ class TestTopicFilter:
 
 class TestChannels:
     def test_table_matches_the_spec(self) -> None:
-        """Direction, QoS, retain flag and types are the spec's table."""
+        """Direction, QoS, retain flag and types are the topic table of docs/protocol.md."""
         up, down = Direction.DEVICE_TO_CONTROL, Direction.CONTROL_TO_DEVICE
         expected = {
             "presence": (up, True, {"presence"}),

@@ -67,7 +67,7 @@ class TestSelector:
             selector_from_options(devices="a,#", labels=(), hardware_class=None, all_devices=False)
 
     def test_labels_class_and_all(self):
-        """--label, --class and --all give the spec's selector objects."""
+        """--label, --class and --all give the REST API's selector objects."""
         assert selector_from_options(
             devices=None, labels=("site=x", "floor=2"), hardware_class=None, all_devices=False
         ) == {"labels": {"site": "x", "floor": "2"}}

@@ -72,7 +72,7 @@ def issue(
 
 class TestBundle:
     def test_the_bundle_has_exactly_the_specified_fields(self, fleet, tmp_path):
-        """The bundle is layout-spec.md's object, field by field."""
+        """The bundle is the object docs/fleet.md documents, field by field."""
         out = tmp_path / "kiosk-17.json"
         issue(fleet, "kiosk-17", out, labels={"site": "berlin"})
         bundle = json.loads(out.read_bytes())

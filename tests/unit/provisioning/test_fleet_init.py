@@ -1,4 +1,4 @@
-"""fleet-init: the layout of layout-spec.md, private modes, keys where they belong, no overwrite."""
+"""fleet-init: the layout of docs/fleet.md, private modes, keys where they belong, no overwrite."""
 
 from __future__ import annotations
 
@@ -67,7 +67,7 @@ def fleet(tmp_path: Path) -> Path:
 
 class TestLayout:
     def test_the_directory_holds_exactly_the_specified_files(self, fleet):
-        """Every file and folder of layout-spec.md is there, and nothing else."""
+        """Every file and folder of the fleet directory's layout is there, and nothing else."""
         assert listing(fleet) == LAYOUT
 
     def test_private_keys_are_0600_and_key_dirs_0700(self, fleet):
@@ -114,7 +114,7 @@ class TestLayout:
         assert (fleet / "root.json").read_bytes() == first.read_bytes()
 
     def test_control_toml_says_where_everything_is(self, fleet):
-        """control.toml has the spec's keys, with paths relative to its folder."""
+        """control.toml has exactly these keys, with paths relative to its folder."""
         config = tomllib.loads((fleet / "control" / "control.toml").read_text())
         assert config == {
             "fleet": "acme",

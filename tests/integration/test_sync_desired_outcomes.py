@@ -1,0 +1,218 @@
+"""What a real agent does with a desired state when things go wrong or are undone: a
+repository that is away for a while (retried, not failed), a failure that is final (reported
+once), and a release (a signed desired state with no target, which an aborted rollout sends).
+
+The control plane's end of the wire is played by the protocol package, as in test_sync.py.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+
+from edgelm_protocol import EventKind, ReportedState, TargetRef
+from tests.agent_process import AgentProcess
+from tests.fleet_harness import (
+    Counterpart,
+    Director,
+    Model,
+    Repository,
+    counterpart,
+    enrolled_agent,
+)
+from tests.mosquitto import Mosquitto
+
+pytestmark = pytest.mark.timeout(300)
+
+DEVICE = "kiosk-1"
+# Retries come quickly here; the defaults are 5 s doubling to 300 s.
+FAST_RETRY = {"EDGELM_SYNC_RETRY_MIN_S": "0.3", "EDGELM_SYNC_RETRY_MAX_S": "0.6"}
+
+
+class Setup:
+    def __init__(self, workdir: Path, broker: Mosquitto) -> None:
+        self.workdir = workdir
+        self.broker = broker
+        self.repository = Repository(workdir)
+        self.director = Director()
+        self.agents: list[AgentProcess] = []
+
+    def agent(self) -> AgentProcess:
+        agent = enrolled_agent(
+            self.workdir / DEVICE,
+            DEVICE,
+            self.repository,
+            self.director,
+            self.broker.port,
+            env=FAST_RETRY,
+        )
+        self.agents.append(agent)
+        return agent
+
+
+@pytest.fixture
+def setup(short_tmp: Path, mosquitto: Mosquitto) -> Iterator[Setup]:
+    made = Setup(short_tmp, mosquitto)
+    made.repository.serve()
+    try:
+        yield made
+    finally:
+        for agent in made.agents:
+            agent.stop()
+        made.repository.stop()
+
+
+@pytest.fixture
+async def control(setup: Setup) -> AsyncIterator[Counterpart]:
+    async with counterpart(setup.broker.port) as side:
+        yield side
+
+
+def events(side: Counterpart, kind: EventKind) -> list[tuple[int | None, str | None, str | None]]:
+    return [(e.desired_sequence, e.model, e.reason) for e in side.events(DEVICE) if e.kind == kind]
+
+
+async def outcome(side: Counterpart, kind: EventKind, sequence: int) -> None:
+    await side.wait_for(
+        lambda: any(s == sequence for s, _m, _r in events(side, kind)),
+        f"{kind.value} for desired state {sequence}",
+    )
+
+
+async def reported(side: Counterpart, sequence: int) -> ReportedState:
+    def find() -> ReportedState | None:
+        for envelope in reversed(side.of(DEVICE, "state")):
+            body = envelope.body
+            if isinstance(body, ReportedState) and body.desired_sequence >= sequence:
+                return body
+        return None
+
+    state: ReportedState = await side.wait_for(find, f"the state after desired {sequence}")
+    return state
+
+
+def served(agent: AgentProcess) -> str | None:
+    status, body = agent.request("GET", "/v1/models")
+    assert status == 200
+    return body["data"][0]["id"] if body["data"] else None
+
+
+async def run(setup: Setup, side: Counterpart, model: Model, rollout: str) -> int:
+    """Send ``model`` for ``rollout`` and wait until it is active; its sequence."""
+    document = setup.director.sign(DEVICE, model.target(), rollout=rollout)
+    await side.desired(DEVICE, document)
+    sequence = setup.director.sequences[DEVICE]
+    await outcome(side, EventKind.ACTIVATED, sequence)
+    return sequence
+
+
+async def release(setup: Setup, side: Counterpart, rollout: str) -> int:
+    await side.desired(DEVICE, setup.director.sign(DEVICE, None, rollout=rollout))
+    return setup.director.sequences[DEVICE]
+
+
+class TestRetries:
+    async def test_a_repository_away_for_a_while_is_retried_until_the_model_runs(
+        self, setup: Setup, control: Counterpart
+    ):
+        """The repository is down when the desired state arrives: the device does not give
+        up (it used to report install_failed and count the state applied); it says it
+        retries, and installs once the repository is back."""
+        model = setup.repository.add("tiny", "1.0")
+        agent = setup.agent()
+        await control.wait_for(lambda: control.of(DEVICE, "presence"), "presence")
+        setup.repository.stop()
+        await control.desired(DEVICE, setup.director.sign(DEVICE, model.target()))
+        await control.wait_for(
+            lambda: [
+                r
+                for _s, _m, r in events(control, EventKind.DOWNLOAD_STARTED)
+                if r and r.startswith("retry 2 ")
+            ],
+            "two retries",
+        )
+        assert events(control, EventKind.INSTALL_FAILED) == []
+        setup.repository.serve()
+        await outcome(control, EventKind.ACTIVATED, 1)
+        assert events(control, EventKind.INSTALL_FAILED) == []
+        assert served(agent) == "tiny"
+        retries = agent.log_events("desired_state_install_retry")
+        assert retries
+        assert "download_failed" in retries[0]["error"]
+
+    async def test_a_final_failure_is_reported_once_and_not_retried(
+        self, setup: Setup, control: Counterpart
+    ):
+        """A target whose hash is not the one the signed metadata lists will never install:
+        one install_failed, no retries, and the state counts as applied."""
+        model = setup.repository.add("tiny", "1.0")
+        agent = setup.agent()
+        await control.wait_for(lambda: control.of(DEVICE, "presence"), "presence")
+        wrong = TargetRef(path=model.path, length=model.length, sha256="0" * 64)
+        await control.desired(DEVICE, setup.director.sign(DEVICE, wrong))
+        await outcome(control, EventKind.INSTALL_FAILED, 1)
+        state = await reported(control, 1)
+        assert state.active is None
+        assert [r for _s, _m, r in events(control, EventKind.DOWNLOAD_STARTED) if r] == []
+        assert len(events(control, EventKind.INSTALL_FAILED)) == 1
+        assert agent.log_events("desired_state_install_retry") == []
+
+
+class TestRelease:
+    async def test_a_release_unloads_what_its_rollout_activated_on_a_device_that_ran_nothing(
+        self, setup: Setup, control: Counterpart
+    ):
+        """The first rollout to a device is aborted after it switched: the release leaves it
+        serving no model, as before the rollout, and a restart does not bring it back."""
+        model = setup.repository.add("tiny", "1.0")
+        agent = setup.agent()
+        await run(setup, control, model, "ro-first")
+        assert served(agent) == "tiny"
+        sequence = await release(setup, control, "ro-first")
+        state = await reported(control, sequence)
+        assert state.active is None
+        assert served(agent) is None
+        _status, registry = agent.request("GET", "/v1/registry/models")
+        assert registry["active"] is None
+        assert any(m["ref"] == model.ref for m in registry["models"])  # kept, not active
+        assert agent.log_events("model_deactivated")
+        assert agent.stop() == 0
+        again = AgentProcess(agent.workdir, model=None, env=FAST_RETRY).wait_alive()
+        setup.agents.append(again)
+        assert served(again) is None
+
+    async def test_a_release_goes_back_to_the_model_before_the_rollout(
+        self, setup: Setup, control: Counterpart
+    ):
+        """v1 came with one rollout, v2 with the next, which is aborted: back on v1, reported
+        as rolled_back for the release's sequence."""
+        v1 = setup.repository.add("tiny", "1.0")
+        v2 = setup.repository.add("tiny", "2.0")
+        agent = setup.agent()
+        await run(setup, control, v1, "ro-1")
+        await run(setup, control, v2, "ro-2")
+        sequence = await release(setup, control, "ro-2")
+        await outcome(control, EventKind.ROLLED_BACK, sequence)
+        assert (sequence, v1.ref) in [(s, m) for s, m, _r in events(control, EventKind.ROLLED_BACK)]
+        state = await reported(control, sequence)
+        assert state.active is not None
+        assert state.active.key == v1.ref
+        _status, registry = agent.request("GET", "/v1/registry/models")
+        assert registry["active"] == v1.ref
+
+    async def test_a_release_for_another_rollout_leaves_the_model_alone(
+        self, setup: Setup, control: Counterpart
+    ):
+        """A release undoes only its own rollout's switch: what another rollout (or a local
+        operator) activated stays."""
+        model = setup.repository.add("tiny", "1.0")
+        agent = setup.agent()
+        await run(setup, control, model, "ro-1")
+        sequence = await release(setup, control, "ro-other")
+        state = await reported(control, sequence)
+        assert state.active is not None
+        assert state.active.key == model.ref
+        assert served(agent) == "tiny"
+        assert events(control, EventKind.ROLLED_BACK) == []
