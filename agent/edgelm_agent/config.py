@@ -131,6 +131,10 @@ class AgentConfig:
     sync_retry_min_s: float = 5.0
     #: ... up to this, with jitter, for as long as its desired state stands.
     sync_retry_max_s: float = 300.0
+    #: Fleet devices: after the control plane announces new repository metadata, the device
+    #: refreshes its own copy within this many seconds (at random, so a fleet does not ask the
+    #: repository all at once).
+    sync_refresh_jitter_s: float = 30.0
     #: Testing only: the process kills itself with SIGKILL at this named point.
     crash_point: str | None = None
     #: The fleet this device is enrolled in (``edgelm agent enroll``); read from the state
@@ -331,6 +335,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("sync_ack_timeout_s", "sync_ack_timeout_s", _positive_float),
     Setting("sync_retry_min_s", "sync_retry_min_s", _positive_float),
     Setting("sync_retry_max_s", "sync_retry_max_s", _positive_float),
+    Setting("sync_refresh_jitter_s", "sync_refresh_jitter_s", _non_negative_float),
     Setting("crash_point", "test_crash_point", _optional_str),
     Setting("log_format", "log_format", _log_format),
     Setting("log_level", "log_level", _log_level),

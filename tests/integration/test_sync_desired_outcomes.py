@@ -7,14 +7,18 @@ The control plane's end of the wire is played by the protocol package, as in tes
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 
-from edgelm_protocol import EventKind, ReportedState, TargetRef
+from edgelm_protocol import EventKind, ReportedState, TargetRef, encode, new_envelope
+from edgelm_protocol.bodies import Announce
+from edgelm_protocol.topics import Topic
 from tests.agent_process import AgentProcess
 from tests.fleet_harness import (
+    FLEET,
     Counterpart,
     Director,
     Model,
@@ -39,14 +43,14 @@ class Setup:
         self.director = Director()
         self.agents: list[AgentProcess] = []
 
-    def agent(self) -> AgentProcess:
+    def agent(self, **env: str) -> AgentProcess:
         agent = enrolled_agent(
             self.workdir / DEVICE,
             DEVICE,
             self.repository,
             self.director,
             self.broker.port,
-            env=FAST_RETRY,
+            env=FAST_RETRY | env,
         )
         self.agents.append(agent)
         return agent
@@ -216,3 +220,53 @@ class TestRelease:
         assert state.active.key == model.ref
         assert served(agent) == "tiny"
         assert events(control, EventKind.ROLLED_BACK) == []
+
+
+class TestObservability:
+    async def test_readyz_and_metrics_show_the_link_the_applied_state_and_the_outbox(
+        self, setup: Setup, control: Counterpart
+    ):
+        """An operator at the device sees the fleet link in /readyz and /metrics."""
+        model = setup.repository.add("tiny", "1.0")
+        agent = setup.agent()
+        sequence = await run(setup, control, model, "ro-1")
+        await reported(control, sequence)
+
+        def ready_sync() -> dict[str, object] | None:
+            status, body = agent.request("GET", "/readyz")
+            sync = body.get("sync") if status == 200 else None
+            return sync if sync and sync["applied_sequence"] == sequence else None
+
+        sync = await control.wait_for(ready_sync, "/readyz with the applied sequence")
+        assert sync["connected"] is True
+        assert set(sync["outbox"]) == {"result", "event", "telemetry"}
+        text = await metrics_text(agent)
+        assert "edgelm_sync_connected 1.0" in text
+        assert f"edgelm_desired_sequence {float(sequence)}" in text
+        assert 'edgelm_outbox_messages{kind="event"}' in text
+
+    async def test_an_announcement_makes_the_device_refresh_its_metadata(
+        self, setup: Setup, control: Counterpart
+    ):
+        """The control plane announces a new timestamp: the device fetches and verifies the
+        new metadata (it learns of the new model) without waiting for a desired state."""
+        setup.repository.add("tiny", "1.0")
+        agent = setup.agent(EDGELM_SYNC_REFRESH_JITTER_S="0")
+        await control.wait_for(lambda: control.of(DEVICE, "presence"), "presence")
+        setup.repository.add("tiny", "2.0")
+        announce = Announce(timestamp_version=2)
+        payload = encode(new_envelope(announce, sender="control", ts_ms=int(time.time() * 1000)))
+        await control.send_raw(Topic.announce(FLEET).value, payload)
+        refreshed = await control.wait_for(
+            lambda: agent.log_events("repository_refreshed"), "the refresh"
+        )
+        assert refreshed[0]["offered"] == 2
+        status, body = agent.request("GET", "/v1/registry/available")
+        assert status == 200
+        assert {m["version"] for m in body["models"]} == {"1.0", "2.0"}
+
+
+async def metrics_text(agent: AgentProcess) -> str:
+    async with agent.unix_session() as session, session.get("http://agent/metrics") as response:
+        assert response.status == 200
+        return await response.text()

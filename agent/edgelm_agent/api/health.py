@@ -50,7 +50,12 @@ async def readyz(request: web.Request) -> web.Response:
         "services": services,
     }
     if ctx.sync is not None:  # offline is normal: it is said, it never makes a device unready
-        ready["sync"] = ctx.sync.status()["broker"]
+        status = ctx.sync.status()
+        sync = {**status["broker"], "applied_sequence": status["desired"]["applied_sequence"]}
+        if ctx.outbox is not None:  # an outbox that only grows means the link is not draining
+            counts = await ctx.outbox.counts()
+            sync["outbox"] = {str(kind): n for kind, n in counts.items()}
+        ready["sync"] = sync
     return web.json_response(ready)
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import random
 import ssl
 import threading
 import time
@@ -153,6 +154,7 @@ class SyncService:
         self._client: MqttClient | None = None
         self._desired: DesiredRun | None = None
         self._registry_changed = asyncio.Event()
+        self._refresh_task: asyncio.Task[None] | None = None
 
     # --- what the local API shows ---
 
@@ -204,6 +206,8 @@ class SyncService:
                 group.create_task(self._telemetry())
                 group.create_task(self._watch_connection(client))
         finally:
+            if self._refresh_task is not None:
+                self._refresh_task.cancel()  # its thread finishes on its own; nothing waits
             await self._stop_desired()
             await self._goodbye(client)
 
@@ -313,9 +317,27 @@ class SyncService:
             await self._report(action)
         elif isinstance(action, Refresh):
             log.info("repository_announced", timestamp_version=action.timestamp_version)
+            self._schedule_refresh()
         elif isinstance(action, Dropped):
             log.warning("sync_message_dropped", topic=action.topic, code=action.code,
                         reason=action.reason[:500])  # fmt: skip
+
+    def _schedule_refresh(self) -> None:
+        """Refresh the repository's metadata soon after an announcement: the device learns of
+        new models (remote jobs may name them) and of a repository frozen or expired, before
+        a desired state needs it. One at a time; announcements meanwhile are folded in."""
+        if self._refresh_task is None or self._refresh_task.done():
+            self._refresh_task = asyncio.get_running_loop().create_task(self._refresh())
+
+    async def _refresh(self) -> None:
+        # Every device hears the announcement at once: spread the repository's load.
+        await asyncio.sleep(random.uniform(0, self.config.sync_refresh_jitter_s))
+        try:
+            offered = await asyncio.to_thread(self.registry.available)
+        except EdgelmError as exc:
+            log.warning("repository_refresh_failed", error=f"{exc.code}: {exc}"[:500])
+            return
+        log.info("repository_refreshed", offered=len(offered))
 
     async def _publish(self, client: MqttClient, action: Publish) -> None:
         try:
