@@ -376,6 +376,12 @@ class TestFaults:
         )
         assert full_fleet.wait_rollout(rollout, "completed")
         assert full_fleet.serves("kiosk-2") == "tiny"
+        events = full_fleet.fleet("devices", "show", "kiosk-2")["recent_events"]
+        kinds = [e["kind"] for e in events if e["rollout"] == rollout]
+        for kind in ("desired_accepted", "download_started", "installed", "activated"):
+            assert kind in kinds, kinds  # queued on the device, delivered after the outage
+        assert kinds.count("activated") == 1  # resent until acknowledged, stored once
+        assert len({e["id"] for e in events}) == len(events)
 
 
 def _canary(fleet: FullFleet, rollout: str) -> str:

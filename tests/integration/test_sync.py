@@ -5,6 +5,7 @@ control plane's end of the wire played by the protocol package: enrollment, desi
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import signal
 from collections.abc import AsyncIterator, Iterator
@@ -16,6 +17,9 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from edgelm_protocol import (
+    Ack,
+    Announce,
+    DesiredDocument,
     Event,
     EventKind,
     JobResult,
@@ -25,6 +29,7 @@ from edgelm_protocol import (
     encode,
     new_envelope,
 )
+from edgelm_protocol.bodies import Body
 from edgelm_protocol.topics import Channel
 from tests.agent_process import TINY_GGUF, AgentProcess
 from tests.fleet_harness import (
@@ -38,6 +43,7 @@ from tests.fleet_harness import (
     enrolled_agent,
 )
 from tests.mosquitto import Mosquitto
+from tests.static_server import REQUEST_LOG_ENV
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -92,6 +98,17 @@ def last_state(side: Counterpart, device: str) -> ReportedState | None:
     return body if isinstance(body, ReportedState) else None
 
 
+async def online(side: Counterpart, device: str) -> None:
+    """The device is subscribed: it says it is online only after its SUBACK. A message that
+    is not retained, sent before that, is lost (the device's session does not exist yet)."""
+    await side.wait_for(lambda: side.of(device, "presence"), f"{device} online")
+
+
+def dropped(agent: AgentProcess) -> list[tuple[str, str]]:
+    """(topic, code) of every message the agent logged as dropped, in the order it did."""
+    return [(r["topic"], r["code"]) for r in agent.log_events("sync_message_dropped")]
+
+
 async def served(agent: AgentProcess) -> str | None:
     status, body = agent.request("GET", "/v1/models")
     assert status == 200
@@ -128,7 +145,12 @@ class TestEnrollment:
         anchor = json.loads((short_tmp / "d/state/registry/trust/root.json").read_text())
         assert anchor == fleet.repository.root_json()
         assert "trust_root_replaced" in result.stderr
-        assert listed.sha256  # the bytes are in the store already: a rollout fetches nothing
+        # The fleet lists the very bytes the device holds, and they stay in its store under
+        # that digest: a rollout of the fleet's version fetches nothing.
+        digest = hashlib.sha256(TINY_GGUF.read_bytes()).hexdigest()
+        assert listed.sha256 == digest
+        blob = short_tmp / "d/state/registry/blobs/sha256" / digest
+        assert hashlib.sha256(blob.read_bytes()).hexdigest() == digest
 
     def test_a_tampered_bundle_is_refused_and_nothing_changes(self, fleet: Fleet, short_tmp):
         """A bundle whose root is not self-signed, or whose device id is hostile, is refused."""
@@ -206,21 +228,23 @@ class TestDesiredState:
         assert sync["desired"]["applied_sequence"] == 1
 
     @pytest.mark.parametrize(
-        "attack",
+        ("attack", "kind", "code"),
         [
-            "forged",
-            "replayed",
-            "other-device",
-            "expired",
-            "not-in-tuf",
-            "wrong-hash",
+            ("forged", "desired_rejected", "forged_desired_state"),
+            ("no-signature", "desired_rejected", "forged_desired_state"),
+            ("replayed", "desired_rejected", "stale_desired_state"),
+            ("other-device", "desired_rejected", "wrong_device"),
+            ("expired", "desired_rejected", "expired_desired_state"),
+            ("not-in-tuf", "install_failed", "target_mismatch"),
+            ("wrong-hash", "install_failed", "target_mismatch"),
         ],
     )
     async def test_attacks_are_refused_and_the_active_model_serves_on(
-        self, fleet: Fleet, control: Counterpart, attack: str
+        self, fleet: Fleet, control: Counterpart, attack: str, kind: str, code: str
     ):
         """Whoever owns the broker cannot make the device run a model: each attack is
-        refused (and reported), and the model that was active keeps serving."""
+        refused (logged as dropped with its code, and reported with it), and the model that
+        was active keeps serving."""
         good = fleet.repository.add("tiny", "1.0")
         evil = Model("tiny", "2.0", "models/tiny/2.0/model.gguf", 5, "00" * 32)
         agent = fleet.agent()
@@ -229,8 +253,12 @@ class TestDesiredState:
         before = len(control.events("kiosk-1"))
         attacker = Director(Ed25519PrivateKey.generate())
         listed_other = fleet.repository.add("other", "1.0")
+        # The director's own document for a listed target, its signature stripped: only the
+        # missing signature is wrong with it.
+        genuine = fleet.director.sign("kiosk-1", listed_other.target(), sequence=9)
         documents = {
             "forged": attacker.sign("kiosk-1", listed_other.target(), sequence=9),
+            "no-signature": DesiredDocument(signed=genuine.signed, signatures=()),
             "replayed": fleet.director.sign("kiosk-1", listed_other.target(), sequence=4),
             "other-device": fleet.director.sign("kiosk-2", listed_other.target(), sequence=9),
             "expired": fleet.director.sign(
@@ -243,16 +271,30 @@ class TestDesiredState:
                 sequence=9,
             ),
         }
+        assert dropped(agent) == []
         await control.desired("kiosk-1", documents[attack])
-        expected = (
-            "install_failed" if attack in ("not-in-tuf", "wrong-hash") else "desired_rejected"
-        )
-        await control.wait_for(
-            lambda: expected in kinds(control, "kiosk-1")[before:], f"{expected} for {attack}"
-        )
+
+        def refusals() -> list[Event]:
+            return [e for e in control.events("kiosk-1")[before:] if e.kind.value == kind]
+
+        refusal = (await control.wait_for(refusals, f"{kind} for {attack}"))[0]
+        assert refusal.reason is not None
+        assert refusal.reason.startswith(f"{code}: "), refusal.reason
+        if attack == "no-signature":
+            assert "no signatures" in refusal.reason
+        if kind == "desired_rejected":
+            # Refused before anything was acted on, and logged with the same code.
+            assert dropped(agent) == [(control.topic("kiosk-1", Channel.DESIRED), code)]
+            assert kinds(control, "kiosk-1")[before:] == ["desired_rejected"]
+        else:
+            # A signed state for a target TUF does not vouch for: accepted, never installed.
+            assert dropped(agent) == []
+            assert "installed" not in kinds(control, "kiosk-1")[before:]
         assert "activated" not in kinds(control, "kiosk-1")[before:]
         assert await served(agent) == "tiny"
         assert agent.request("GET", "/readyz")[0] == 200
+        _, registry = agent.request("GET", "/v1/registry/models")
+        assert registry["active"] == good.ref
 
     async def test_a_newer_desired_state_cancels_a_download_in_progress(
         self, fleet: Fleet, control: Counterpart, short_tmp: Path
@@ -305,6 +347,7 @@ class TestRemoteJobs:
     async def test_a_job_delivered_twice_runs_once(self, fleet: Fleet, control: Counterpart):
         """QoS 1 may deliver a job twice: the same message id is one job on the device."""
         agent = fleet.agent()
+        await online(control, "kiosk-1")
         request: dict[str, Any] = {"model": "tiny", "prompt": "hi", "max_tokens": 2}
         envelope = new_envelope(
             RemoteJob(request=request, wait_for_model=True), sender="control", ts_ms=1
@@ -325,6 +368,7 @@ class TestRemoteJobs:
         """max_queued_jobs holds for fleet jobs too: past it, a job is refused with
         job_queue_full in its result (not left unacknowledged to come back for ever)."""
         agent = fleet.agent(env={"EDGELM_MAX_QUEUED_JOBS": "1"})
+        await online(control, "kiosk-1")
         request: dict[str, Any] = {"model": "absent", "prompt": "hi", "max_tokens": 2}
         first = await control.job("kiosk-1", request, wait_for_model=True)
         await control.wait_for(
@@ -392,46 +436,167 @@ class TestResilience:
         self, fleet: Fleet, control: Counterpart
     ):
         """Malformed, oversized and wrong-type messages on desired, jobs, ack and announce
-        are dropped; the agent keeps serving and syncing."""
+        are each dropped with their own code; the agent keeps serving and syncing, and a valid
+        desired state after them is applied."""
         model = fleet.repository.add("tiny", "1.0")
+        other = fleet.repository.add("other", "1.0")
         agent = fleet.agent()
         await control.desired("kiosk-1", fleet.director.sign("kiosk-1", model.target()))
         await activated(control, "kiosk-1", model, 1)
+        assert dropped(agent) == []
+        # A well-formed envelope of another channel's type, for each channel.
+        wrong_type: dict[Channel, Body] = {
+            Channel.DESIRED: Ack(ids=("0" * 32,)),
+            Channel.JOBS: fleet.director.sign("kiosk-1", other.target(), sequence=99),
+            Channel.ACK: RemoteJob(request={"model": "tiny", "prompt": "x", "max_tokens": 2}),
+        }
+        hostile: list[tuple[bytes, str]] = [
+            (b"\xff\xfe", "malformed_message"),  # not UTF-8
+            (b"{}", "malformed_message"),  # no version
+            (b"[]", "malformed_message"),  # not an object
+            (b'{"v": 2}', "unsupported_version"),
+            (b"x" * 300_000, "message_too_large"),  # over every channel's limit
+        ]
+        expected: list[tuple[str, str]] = []
         for channel in (Channel.DESIRED, Channel.JOBS, Channel.ACK):
             topic = control.topic("kiosk-1", channel)
-            for payload in (b"\xff\xfe", b"{}", b"[]", b'{"v": 2}', b"x" * 300_000):
+            envelope = new_envelope(wrong_type[channel], sender="control", ts_ms=1)
+            for payload, code in [*hostile, (encode(envelope), "topic_mismatch")]:
                 await control.send_raw(topic, payload)
-        await control.send_raw("edgelm/v1/acme/announce", b"not json")
+                expected.append((topic, code))
+        announce = "edgelm/v1/acme/announce"
+        await control.send_raw(announce, b"not json")
+        expected.append((announce, "malformed_message"))
         job_id = await control.job("kiosk-1", {"model": "tiny", "prompt": "x", "max_tokens": 2})
         await control.wait_for(lambda: control.results("kiosk-1", job_id), "a job after the junk")
+        await control.wait_for(lambda: len(dropped(agent)) >= len(expected), "every drop logged")
+        # Exactly these, each with its code. MQTT keeps the order within a topic only.
+        assert sorted(dropped(agent)) == sorted(expected)
+        for topic in {t for t, _ in expected}:
+            assert [d for d in dropped(agent) if d[0] == topic] == [
+                e for e in expected if e[0] == topic
+            ]
+        assert not [e for e in control.events("kiosk-1") if e.kind == EventKind.DESIRED_REJECTED]
         assert agent.request("GET", "/readyz")[0] == 200
-        dropped = agent.log_events("sync_message_dropped")
-        assert len(dropped) >= 10
+        assert await served(agent) == "tiny"
+        # Still syncing: the next desired state is applied.
+        await control.desired("kiosk-1", fleet.director.sign("kiosk-1", other.target()))
+        await activated(control, "kiosk-1", other, 2)
+        assert await served(agent) == "other"
+        assert sorted(dropped(agent)) == sorted(expected)  # and nothing more was dropped
 
     async def test_kill_9_mid_download_resumes_and_activates(
-        self, fleet: Fleet, control: Counterpart, short_tmp: Path
+        self,
+        fleet: Fleet,
+        control: Counterpart,
+        short_tmp: Path,
+        monkeypatch: pytest.MonkeyPatch,
     ):
-        """The agent killed in the middle of a download restarts, resumes it from where it
-        stopped (the desired state is retained), and activates the model."""
+        """The agent killed in the middle of a download restarts, resumes it with a Range
+        request from where it stopped (the desired state is retained), and activates the
+        model, verified."""
         big = short_tmp / "big.gguf"
         big.write_bytes(TINY_GGUF.read_bytes() + b"\0" * (4 << 20))
         model = fleet.repository.add("big", "1.0", big)
-        fleet.repository.serve(stall_after=2 << 20)
+        stall_at = 2 << 20  # a mirror that hangs here: the kill finds exactly this much
+        first_log, second_log = short_tmp / "requests-1.jsonl", short_tmp / "requests-2.jsonl"
+        monkeypatch.setenv(REQUEST_LOG_ENV, str(first_log))
+        fleet.repository.serve(stall_after=stall_at)
         agent = fleet.agent()
         await control.desired("kiosk-1", fleet.director.sign("kiosk-1", model.target()))
-        partial_dir = agent.workdir / "state" / "registry" / "staging"
+        partial = agent.workdir / "state" / "registry" / "staging" / f"{model.sha256}.partial"
         await control.wait_for(
-            lambda: any(p.stat().st_size >= 1 << 20 for p in partial_dir.glob("*.partial")),
-            "half the download",
+            lambda: partial.exists() and partial.stat().st_size == stall_at,
+            "the download up to the stall",
         )
         agent.signal(signal.SIGKILL)
-        agent.wait()
+        assert agent.wait() == -signal.SIGKILL
+        assert partial.stat().st_size == stall_at  # kept: a kill loses nothing written
+        assert not [e for e in control.events("kiosk-1") if e.kind == EventKind.INSTALLED]
+        monkeypatch.setenv(REQUEST_LOG_ENV, str(second_log))
         fleet.repository.serve()
         again = AgentProcess(agent.workdir, model=None, env={"EDGELM_TELEMETRY_INTERVAL_S": "1"})
         fleet.agents.append(again)
         again.wait_alive()
         await activated(control, "kiosk-1", model, 1)
         assert await served(again) == "big"
+
+        def fetches(log: Path) -> list[tuple[str | None, int]]:
+            lines = [json.loads(line) for line in log.read_text().splitlines()]
+            return [(r["range"], r["status"]) for r in lines if r["path"].endswith(model.path)]
+
+        assert fetches(first_log) == [(None, 200)]  # the first attempt, from byte 0
+        assert fetches(second_log) == [(f"bytes={stall_at}-", 206)]  # only the rest
+        _, registry = again.request("GET", "/v1/registry/models")
+        assert registry["active"] == model.ref
+        _, verified = again.request("POST", "/v1/registry/verify", {"model": model.ref})
+        assert verified["ok"] is True, verified
+        blob = again.workdir / "state" / "registry" / "blobs" / "sha256" / model.sha256
+        assert hashlib.sha256(blob.read_bytes()).hexdigest() == model.sha256
+        assert not partial.exists()
+
+
+class TestAnnounce:
+    @pytest.mark.parametrize(
+        ("case", "code"),
+        [("oversized", "message_too_large"), ("wrong-body-types", "malformed_message")],
+    )
+    async def test_a_hostile_announce_is_dropped_acknowledged_and_sync_goes_on(
+        self, fleet: Fleet, control: Counterpart, case: str, code: str
+    ):
+        """announce reaches every device of the fleet, so a bad one must cost nothing: each
+        is logged and dropped with its code, and acknowledged. More of them than the agent's
+        receive maximum (20) arrive: were one left unacknowledged, the broker would hold back
+        everything after them, the job below included. A valid announce, exactly at the
+        1 KiB limit, is still heard after them."""
+        agent = fleet.agent()
+        await online(control, "kiosk-1")
+        topic = "edgelm/v1/acme/announce"
+        bodies: list[Any] = [
+            {"timestamp_version": "7"},
+            {"timestamp_version": 7.5},
+            {"timestamp_version": True},
+            {"timestamp_version": None},
+            {"timestamp_version": [7]},
+            {"timestamp_version": {"v": 7}},
+            [7],
+            "7",
+            None,
+        ]
+        payloads = []
+        for n in range(25):
+            if case == "oversized":
+                payloads.append(announce_payload(7, size=1025 + n * 4096))
+            else:
+                payloads.append(announce_payload(7, body=bodies[n % len(bodies)]))
+        for payload in payloads:
+            await control.send_raw(topic, payload)
+        await control.send_raw(topic, announce_payload(8, size=1024))
+        job_id = await control.job("kiosk-1", {"model": "tiny", "prompt": "x", "max_tokens": 2})
+        await control.wait_for(lambda: control.results("kiosk-1", job_id), "a job after them")
+        await control.wait_for(lambda: len(dropped(agent)) >= len(payloads), "every drop logged")
+        assert dropped(agent) == [(topic, code)] * len(payloads)
+        announced = await control.wait_for(
+            lambda: agent.log_events("repository_announced"), "the valid announce"
+        )
+        assert [r["timestamp_version"] for r in announced] == [8]
+        assert agent.request("GET", "/healthz")[0] == 200
+        assert agent.request("GET", "/v1/sync")[1]["broker"]["connected"] is True
+
+
+_REAL = object()
+
+
+def announce_payload(timestamp_version: int, *, body: Any = _REAL, size: int = 0) -> bytes:
+    """An announce envelope from the control plane, with ``body`` instead of the real one if
+    given, padded with trailing whitespace (valid JSON) to ``size`` bytes."""
+    real = new_envelope(Announce(timestamp_version), sender="control", ts_ms=1)
+    document: dict[str, Any] = dict(real.to_json())
+    if body is not _REAL:
+        document["body"] = body
+    payload = json.dumps(document).encode()
+    assert len(payload) <= max(size, 1024)
+    return payload + b" " * (size - len(payload))
 
 
 class TestTelemetry:
