@@ -384,6 +384,31 @@ class TestReconnect:
         assert [c.connection_id for c in calls] == [1, 2]
         assert [e["event"] for e in logs].count("mqtt_on_connect_failed") == 1
 
+    async def test_on_disconnect_pairs_with_every_connection_the_hook_saw(self, mosquitto):
+        """Each connection that ran the hook ends with one on_disconnect, in order, also one
+        whose hook failed: a caller keeps its own "online" flag from these two, never by
+        polling ``connected`` (false until the hook returns)."""
+        trail: list[str] = []
+
+        async def hook(info: ConnectionInfo) -> None:
+            trail.append(f"up {info.connection_id}")
+            await asyncio.sleep(0.05)  # a poll here would see connected False
+            if info.connection_id == 1:
+                raise RuntimeError("resubscribe failed")
+
+        client = MqttClient(
+            settings(mosquitto.port, "d"),
+            on_connect=hook,
+            on_disconnect=lambda: trail.append("down"),
+        )
+        async with client:
+            await client.wait_connected()
+            assert trail == ["up 1", "down", "up 2"]
+            mosquitto.restart()
+            await until(lambda: trail.count("up 3") == 1)
+            await client.wait_connected()
+        assert trail[:5] == ["up 1", "down", "up 2", "down", "up 3"]
+
     async def test_hook_still_running_when_the_link_drops_is_cancelled(self, mosquitto, tcp_proxy):
         """A hook stuck when its connection dies is cancelled; the next connection goes on."""
         stuck = asyncio.Event()

@@ -384,6 +384,28 @@ class TestRemoteJobs:
         jobs = agent.request("GET", "/v1/jobs?limit=500")[1]["data"]
         assert len(jobs) == 1
 
+    async def test_a_job_for_a_model_the_device_cannot_get_is_refused_unless_it_may_wait(
+        self, fleet: Fleet, control: Counterpart
+    ):
+        """As on the local API: a job naming a model neither installed nor offered ends at
+        once with model_not_found in its result, instead of waiting for ever; with
+        wait_for_model it is queued."""
+        agent = fleet.agent()
+        await online(control, "kiosk-1")
+        request: dict[str, Any] = {"model": "absent", "prompt": "hi", "max_tokens": 2}
+        refused = await control.job("kiosk-1", request)
+        results = await control.wait_for(lambda: control.results("kiosk-1", refused), "refusal")
+        _, body = results[0]
+        assert body.state == "failed"
+        assert body.error is not None
+        assert body.error.code == "model_not_found"
+        assert agent.request("GET", "/v1/jobs?limit=500")[1]["data"] == []
+        await control.job("kiosk-1", request, wait_for_model=True)
+        queued = await control.wait_for(
+            lambda: agent.request("GET", "/v1/jobs?limit=500")[1]["data"], "the waiting job"
+        )
+        assert [j["state"] for j in queued] == ["queued"]
+
 
 class TestResilience:
     async def test_results_wait_in_the_outbox_until_acknowledged(self, fleet: Fleet):
@@ -447,7 +469,7 @@ class TestResilience:
         # A well-formed envelope of another channel's type, for each channel.
         wrong_type: dict[Channel, Body] = {
             Channel.DESIRED: Ack(ids=("0" * 32,)),
-            Channel.JOBS: fleet.director.sign("kiosk-1", other.target(), sequence=99),
+            Channel.JOBS: Director().sign("kiosk-1", other.target()),
             Channel.ACK: RemoteJob(request={"model": "tiny", "prompt": "x", "max_tokens": 2}),
         }
         hostile: list[tuple[bytes, str]] = [
@@ -480,7 +502,7 @@ class TestResilience:
         assert agent.request("GET", "/readyz")[0] == 200
         assert await served(agent) == "tiny"
         # Still syncing: the next desired state is applied.
-        await control.desired("kiosk-1", fleet.director.sign("kiosk-1", other.target()))
+        await control.desired("kiosk-1", fleet.director.sign("kiosk-1", other.target(), sequence=2))
         await activated(control, "kiosk-1", other, 2)
         assert await served(agent) == "other"
         assert sorted(dropped(agent)) == sorted(expected)  # and nothing more was dropped
@@ -523,7 +545,9 @@ class TestResilience:
 
         def fetches(log: Path) -> list[tuple[str | None, int]]:
             lines = [json.loads(line) for line in log.read_text().splitlines()]
-            return [(r["range"], r["status"]) for r in lines if r["path"].endswith(model.path)]
+            # The file is served under its hash-prefixed name (TUF consistent snapshots).
+            folder = f"/targets/{model.path.rsplit('/', 1)[0]}/"
+            return [(r["range"], r["status"]) for r in lines if r["path"].startswith(folder)]
 
         assert fetches(first_log) == [(None, 200)]  # the first attempt, from byte 0
         assert fetches(second_log) == [(f"bytes={stall_at}-", 206)]  # only the rest
@@ -547,8 +571,8 @@ class TestAnnounce:
         """announce reaches every device of the fleet, so a bad one must cost nothing: each
         is logged and dropped with its code, and acknowledged. More of them than the agent's
         receive maximum (20) arrive: were one left unacknowledged, the broker would hold back
-        everything after them, the job below included. A valid announce, exactly at the
-        1 KiB limit, is still heard after them."""
+        what follows them, so the valid announce after them (exactly at the 1 KiB limit) is
+        heard only if all were acknowledged. Jobs still flow too."""
         agent = fleet.agent()
         await online(control, "kiosk-1")
         topic = "edgelm/v1/acme/announce"
@@ -572,16 +596,19 @@ class TestAnnounce:
         for payload in payloads:
             await control.send_raw(topic, payload)
         await control.send_raw(topic, announce_payload(8, size=1024))
-        job_id = await control.job("kiosk-1", {"model": "tiny", "prompt": "x", "max_tokens": 2})
-        await control.wait_for(lambda: control.results("kiosk-1", job_id), "a job after them")
-        await control.wait_for(lambda: len(dropped(agent)) >= len(payloads), "every drop logged")
-        assert dropped(agent) == [(topic, code)] * len(payloads)
         announced = await control.wait_for(
-            lambda: agent.log_events("repository_announced"), "the valid announce"
+            lambda: agent.log_events("repository_announced"), "the valid announce after them"
         )
         assert [r["timestamp_version"] for r in announced] == [8]
+        assert dropped(agent) == [(topic, code)] * len(payloads)
+        # A job that cannot run (it asks to stream) is refused at once, with a result.
+        request = {"model": "tiny", "prompt": "x", "max_tokens": 2, "stream": True}
+        job_id = await control.job("kiosk-1", request)
+        results = await control.wait_for(lambda: control.results("kiosk-1", job_id), "a job")
+        assert results[0][1].state == "failed"
         assert agent.request("GET", "/healthz")[0] == 200
         assert agent.request("GET", "/v1/sync")[1]["broker"]["connected"] is True
+        assert dropped(agent) == [(topic, code)] * len(payloads)
 
 
 _REAL = object()

@@ -33,7 +33,7 @@ import structlog
 from edgelm_agent import __version__
 from edgelm_agent.config import AgentConfig
 from edgelm_agent.enrollment import Enrollment
-from edgelm_agent.errors import EdgelmError
+from edgelm_agent.errors import EdgelmError, ModelNotFound
 from edgelm_agent.jobs import store
 from edgelm_agent.jobs.database import Database
 from edgelm_agent.jobs.outbox import MessageKind, Outbox
@@ -195,7 +195,11 @@ class SyncService:
             qos=1,
             retain=True,
         )
-        client = MqttClient(_with_will(settings, will), on_connect=self._on_connect)
+        client = MqttClient(
+            _with_will(settings, will),
+            on_connect=self._on_connect,
+            on_disconnect=self._on_disconnect,
+        )
         self._client = client
         await client.start()
         try:
@@ -204,7 +208,6 @@ class SyncService:
                 group.create_task(self._drain(client))
                 group.create_task(self._registry_events())
                 group.create_task(self._telemetry())
-                group.create_task(self._watch_connection(client))
         finally:
             if self._refresh_task is not None:
                 self._refresh_task.cancel()  # its thread finishes on its own; nothing waits
@@ -233,13 +236,14 @@ class SyncService:
         self.metrics.sync_connected.set(1)
         self.outbox.wake()
 
-    async def _watch_connection(self, client: MqttClient) -> None:
-        while True:
-            await asyncio.sleep(POLL_S)
-            if self.session.connected and not client.connected:
-                self.session.on_disconnected()
-                self.metrics.sync_connected.set(0)
-                log.info("sync_disconnected", broker=self.enrollment.broker_url)
+    def _on_disconnect(self) -> None:
+        # From the client's own end of the connection: a poll of `client.connected` could
+        # land inside the on-connect hook, before the client counts as connected, and take
+        # the session down for good (seen with 500 devices on one machine).
+        if self.session.connected:
+            self.session.on_disconnected()
+            self.metrics.sync_connected.set(0)
+            log.info("sync_disconnected", broker=self.enrollment.broker_url)
 
     # --- the loops ---
 
@@ -426,11 +430,12 @@ class SyncService:
             submission["ttl_s"] = job.ttl_s
         try:
             spec = parse_job(submission, time.time())
+            if not spec.wait_for_model:  # as the local API: no job waits for a model in vain
+                known = await self.models.known_models()
+                if spec.model not in known:
+                    raise ModelNotFound(spec.model, sorted(known), what="installed or offered")
         except EdgelmError as exc:  # the request itself is wrong: it ends now, reported
-            await self.db.run(store.refused_remote_job(action.message_id, job.metadata, exc))
-            client.ack(action.token)
-            self.outbox.wake()
-            log.info("remote_job_refused", job=action.message_id, error=exc.code)
+            await self._refuse(client, action, exc)
             return
         queue = store.QueueLimits(self.config.max_queued_jobs, self.config.max_queued_job_bytes)
         try:
@@ -438,10 +443,7 @@ class SyncService:
         except (store.OutboxFullForJobs, store.JobQueueFull) as exc:
             # Full now means full for a while: refuse and report it (the operator sees why
             # in the job's per-device result) rather than leave it to come back unacked.
-            await self.db.run(store.refused_remote_job(action.message_id, job.metadata, exc))
-            client.ack(action.token)
-            self.outbox.wake()
-            log.info("remote_job_refused", job=action.message_id, error=exc.code)
+            await self._refuse(client, action, exc)
             return
         except EdgelmError as exc:  # the disk: leave it unacknowledged, it comes again
             log.error("remote_job_not_stored", job=action.message_id, error=str(exc))
@@ -450,6 +452,14 @@ class SyncService:
         if created:
             self.worker.wake()
             log.info("remote_job_queued", job=action.message_id, local_id=view["id"])
+
+    async def _refuse(self, client: MqttClient, action: EnqueueJob, exc: EdgelmError) -> None:
+        """The job ends before it is queued: its failed result goes to the outbox, and only
+        then is the message acknowledged."""
+        await self.db.run(store.refused_remote_job(action.message_id, action.job.metadata, exc))
+        client.ack(action.token)
+        self.outbox.wake()
+        log.info("remote_job_refused", job=action.message_id, error=exc.code)
 
     # --- desired states ---
 

@@ -19,7 +19,10 @@ delivery rules need:
   the one place that retries.
 - **Reconnect forever** with exponential backoff and jitter until :meth:`MqttClient.stop`, and
   run an ``on_connect`` hook on every connection (subscribe again when ``session_present`` is
-  False; publish retained presence and state every time, since a will may have fired).
+  False; publish retained presence and state every time, since a will may have fired), and an
+  ``on_disconnect`` callback when that connection ends. A caller that keeps its own "online"
+  flag sets it in the one and clears it in the other, never by polling :attr:`connected`
+  (which only turns true after the hook returns, so a poll inside the hook sees a drop).
 
 Lifecycle, as a transition table (a step it does not list raises ``ClientStateError``)::
 
@@ -87,10 +90,12 @@ class MqttClient:
         settings: MqttSettings,
         *,
         on_connect: ConnectHook | None = None,
+        on_disconnect: Callable[[], None] | None = None,
         rng: random.Random | None = None,
     ) -> None:
         self.settings = settings
         self._hook = on_connect
+        self._on_disconnect = on_disconnect
         self._backoff = ReconnectBackoff(settings.reconnect_min_s, settings.reconnect_max_s, rng)
         self._throttle = FailureLogThrottle(settings.connect_failure_log_interval_s)
         self._lifecycle = Lifecycle.NEW
@@ -340,13 +345,24 @@ class MqttClient:
             session_present=info.session_present,
             after_failures=failures,
         )
-        if not await self._run_hook(link, info):
+        try:
+            if not await self._run_hook(link, info):
+                await link.lost.wait()
+                return 0.0
+            if link.up:
+                self._ready.set()
             await link.lost.wait()
-            return 0.0
-        if link.up:
-            self._ready.set()
-        await link.lost.wait()
-        return loop.time() - up_since
+            return loop.time() - up_since
+        finally:
+            self._disconnected()
+
+    def _disconnected(self) -> None:
+        if self._on_disconnect is None:
+            return
+        try:
+            self._on_disconnect()
+        except Exception:  # the caller's bug must not end the reconnect loop
+            log.exception("mqtt_on_disconnect_failed", client_id=self.settings.client_id)
 
     async def _run_hook(self, link: PahoLink, info: ConnectionInfo) -> bool:
         """True once the hook has finished; False if it failed or the link dropped first.
