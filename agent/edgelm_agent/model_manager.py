@@ -97,6 +97,8 @@ class ModelManager:
     async def start(self) -> None:
         """Serve the recorded active model, or the previous one if it no longer verifies."""
         state = self.registry.state()
+        if state.active is None:
+            return  # nothing is to be served (never was, or the fleet released the device)
         for ref in (state.active, state.previous):
             if ref is None or ref not in state.models:
                 continue
@@ -120,39 +122,47 @@ class ModelManager:
         and rollout that asked for it) go into the registry's history with the outcome, and
         with the health check's figures, which fleet rollouts compare across models."""
         async with self._lock:
-            target = self.registry.find(ref)
-            try:
-                model, health = await self._prepare(target)
-            except EdgelmError as exc:
-                reason = str(exc)
-                await asyncio.to_thread(
-                    self.registry.update,
-                    lambda state: state.activation_failed(target.ref, reason, details),
-                )
-                log.error("activation_failed", model=target.ref, reason=reason)
-                if isinstance(exc, ActivationFailed):
-                    raise
-                raise ActivationFailed(
-                    f"{target.ref} was not activated: {reason}", reason=reason
-                ) from exc
-            old = self.host.active
-            self._crash_point("activation.before_switch")
-            self.host.set_active(model)
-            recorded = {**(details or {}), "health": health.as_dict()}
-
-            def commit(state: RegistryState) -> RegistryState:
-                if event == "rolled_back":
-                    return state.rolled_back(target.ref, reason, recorded)
-                if state.active != target.ref or details is not None:
-                    return state.activated(target.ref, recorded)
-                return state  # a restart on the recorded model: nothing new happened
-
-            await asyncio.to_thread(self.registry.update, commit)
-            self._crash_point("activation.after_commit")
-            log.info("model_activated", model=target.ref, how=event)
+            target, old, model = await self._activate_locked(ref, event, details, reason)
         if old is not None and old is not model:
             asyncio.get_running_loop().create_task(self._retire(old))
         return target
+
+    async def _activate_locked(
+        self, ref: str, event: str, details: dict[str, Any] | None, reason: str
+    ) -> tuple[ModelTarget, ServingModel | None, ServingModel]:
+        """:meth:`activate`'s work, with the lock held: the target, what served before, and
+        what serves now (the caller retires the old one once the lock is free)."""
+        target = self.registry.find(ref)
+        try:
+            model, health = await self._prepare(target)
+        except EdgelmError as exc:
+            reason = str(exc)
+            await asyncio.to_thread(
+                self.registry.update,
+                lambda state: state.activation_failed(target.ref, reason, details),
+            )
+            log.error("activation_failed", model=target.ref, reason=reason)
+            if isinstance(exc, ActivationFailed):
+                raise
+            raise ActivationFailed(
+                f"{target.ref} was not activated: {reason}", reason=reason
+            ) from exc
+        old = self.host.active
+        self._crash_point("activation.before_switch")
+        self.host.set_active(model)
+        recorded = {**(details or {}), "health": health.as_dict()}
+
+        def commit(state: RegistryState) -> RegistryState:
+            if event == "rolled_back":
+                return state.rolled_back(target.ref, reason, recorded)
+            if state.active != target.ref or details is not None:
+                return state.activated(target.ref, recorded)
+            return state  # a restart on the recorded model: nothing new happened
+
+        await asyncio.to_thread(self.registry.update, commit)
+        self._crash_point("activation.after_commit")
+        log.info("model_activated", model=target.ref, how=event)
+        return target, old, model
 
     async def known_models(self) -> set[str]:
         """Models that are served, installed, or offered by the trusted repository."""
@@ -199,24 +209,42 @@ class ModelManager:
             raise ModelNotInstalled("there is no previous model to roll back to")
         return await self.activate(previous, event="rolled_back", details=details, reason=reason)
 
-    async def deactivate(
-        self, *, details: dict[str, Any] | None = None, reason: str = "requested"
+    async def release(
+        self, rollout: str | None, *, details: dict[str, Any] | None = None, reason: str
     ) -> str | None:
-        """Serve no model: the active one is unloaded once its requests are done, and the
-        registry records that nothing is active. Returns what was active, if anything."""
+        """Undo what ``rollout`` switched, if the active model is still its doing: back to
+        the previous model, or serve none when there is none. One step under the lock, so an
+        activation cannot slip between the check and the undo. Returns ``"rolled_back"``,
+        ``"deactivated"``, or None when there was nothing of ``rollout``'s to undo."""
+        old: ServingModel | None = None
+        model: ServingModel | None = None
         async with self._lock:
-            active = self.registry.state().active
-            if active is None:
+            state = await asyncio.to_thread(self.registry.state)
+            if rollout is None or state.active is None or state.active_rollout != rollout:
                 return None
-            old = self.host.active
-            self.host.set_active(None)
-            await asyncio.to_thread(
-                self.registry.update, lambda state: state.deactivated(active, reason, details)
-            )
-            log.info("model_deactivated", model=active, reason=reason)
-        if old is not None:
+            if state.previous is not None and state.previous in state.models:
+                _, old, model = await self._activate_locked(
+                    state.previous, "rolled_back", details, reason
+                )
+                outcome = "rolled_back"
+            else:
+                active = state.active
+                old = self.host.active
+                self.host.set_active(None)
+                await asyncio.to_thread(
+                    self.registry.update, lambda s: s.deactivated(active, reason, details)
+                )
+                log.info("model_deactivated", model=active, reason=reason)
+                outcome = "deactivated"
+        if old is not None and old is not model:
             asyncio.get_running_loop().create_task(self._retire(old))
-        return active
+        return outcome
+
+    async def claim(self, rollout: str | None) -> None:
+        """A rollout asks for the model that already serves: from now on the model is that
+        rollout's (a release of an older rollout leaves it alone)."""
+        async with self._lock:
+            await asyncio.to_thread(self.registry.update, lambda s: s.claimed(rollout))
 
     async def _prepare(self, target: ModelTarget) -> tuple[ServingModel, HealthFigures]:
         path: Path = await self._in_registry_thread(

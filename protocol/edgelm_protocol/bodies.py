@@ -66,12 +66,17 @@ class EventKind(StrEnum):
     DESIRED_REJECTED = "desired_rejected"
     DOWNLOAD_STARTED = "download_started"
     DOWNLOAD_PROGRESS = "download_progress"
+    #: A download failed for a passing reason and is tried again (``reason`` says when and
+    #: why). Not progress: the control plane's silence clock keeps running.
+    DOWNLOAD_RETRYING = "download_retrying"
     INSTALLED = "installed"
     INSTALL_FAILED = "install_failed"
     INSTALL_CANCELLED = "install_cancelled"
     ACTIVATED = "activated"
     ACTIVATION_FAILED = "activation_failed"
     ROLLED_BACK = "rolled_back"
+    #: The device serves no model any more: a release undid the rollout that switched it.
+    DEACTIVATED = "deactivated"
 
 
 @dataclass(frozen=True)

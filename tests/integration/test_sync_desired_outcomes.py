@@ -16,7 +16,7 @@ import pytest
 from edgelm_protocol import EventKind, ReportedState, TargetRef, encode, new_envelope
 from edgelm_protocol.bodies import Announce
 from edgelm_protocol.topics import Topic
-from tests.agent_process import AgentProcess
+from tests.agent_process import TINY_GGUF, AgentProcess
 from tests.fleet_harness import (
     FLEET,
     Counterpart,
@@ -132,7 +132,7 @@ class TestRetries:
         await control.wait_for(
             lambda: [
                 r
-                for _s, _m, r in events(control, EventKind.DOWNLOAD_STARTED)
+                for _s, _m, r in events(control, EventKind.DOWNLOAD_RETRYING)
                 if r and r.startswith("retry 2 ")
             ],
             "two retries",
@@ -159,9 +159,51 @@ class TestRetries:
         await outcome(control, EventKind.INSTALL_FAILED, 1)
         state = await reported(control, 1)
         assert state.active is None
-        assert [r for _s, _m, r in events(control, EventKind.DOWNLOAD_STARTED) if r] == []
+        assert events(control, EventKind.DOWNLOAD_RETRYING) == []
         assert len(events(control, EventKind.INSTALL_FAILED)) == 1
         assert agent.log_events("desired_state_install_retry") == []
+
+    async def test_a_blob_the_repository_does_not_have_is_final_not_retried(
+        self, setup: Setup, control: Counterpart
+    ):
+        """The metadata lists the model but the server answers 404 for its file: asking
+        again will not help, so it is reported once as install_failed (download_refused)."""
+        model = setup.repository.add("tiny", "1.0")
+        for blob in (setup.repository.root / "targets").rglob("*.gguf"):
+            blob.unlink()
+        agent = setup.agent()
+        await control.wait_for(lambda: control.of(DEVICE, "presence"), "presence")
+        await control.desired(DEVICE, setup.director.sign(DEVICE, model.target()))
+        await outcome(control, EventKind.INSTALL_FAILED, 1)
+        [(_s, _m, reason)] = events(control, EventKind.INSTALL_FAILED)
+        assert reason is not None
+        assert reason.startswith("download_refused: ")
+        assert "HTTP 404" in reason
+        assert events(control, EventKind.DOWNLOAD_RETRYING) == []
+        assert agent.log_events("desired_state_install_retry") == []
+
+    async def test_a_renewed_desired_state_continues_the_download_in_progress(
+        self, setup: Setup, control: Counterpart, short_tmp: Path
+    ):
+        """The director re-signs a state before it expires (same target, newer sequence):
+        the slow download goes on, nothing is cancelled or fetched twice, and the outcome
+        counts for the newer sequence."""
+        big = short_tmp / "big.gguf"
+        big.write_bytes(TINY_GGUF.read_bytes() + b"\0" * (4 << 20))
+        model = setup.repository.add("slow", "1.0", big)
+        setup.repository.serve(bytes_per_s=512 << 10)
+        agent = setup.agent()
+        await control.wait_for(lambda: control.of(DEVICE, "presence"), "presence")
+        await control.desired(DEVICE, setup.director.sign(DEVICE, model.target(), rollout="r"))
+        await outcome(control, EventKind.DOWNLOAD_STARTED, 1)
+        await control.desired(DEVICE, setup.director.sign(DEVICE, model.target(), rollout="r"))
+        await outcome(control, EventKind.ACTIVATED, 1)
+        state = await reported(control, 2)
+        assert state.active is not None
+        assert state.active.key == model.ref
+        assert events(control, EventKind.INSTALL_CANCELLED) == []
+        assert len(events(control, EventKind.DOWNLOAD_STARTED)) == 1
+        assert agent.log_events("desired_state_renewed")
 
 
 class TestRelease:
@@ -220,6 +262,25 @@ class TestRelease:
         assert state.active.key == model.ref
         assert served(agent) == "tiny"
         assert events(control, EventKind.ROLLED_BACK) == []
+
+
+class TestReleaseRaces:
+    async def test_a_release_right_after_an_assignment_waits_for_the_activation(
+        self, setup: Setup, control: Counterpart
+    ):
+        """An abort lands while the rollout's model is still being activated: the release
+        waits for the activation to finish, then undoes it. The device ends with no model,
+        never with the aborted one."""
+        model = setup.repository.add("tiny", "1.0")
+        agent = setup.agent()
+        await control.wait_for(lambda: control.of(DEVICE, "presence"), "presence")
+        await control.desired(DEVICE, setup.director.sign(DEVICE, model.target(), rollout="r"))
+        await outcome(control, EventKind.INSTALLED, 1)  # activation starts now
+        sequence = await release(setup, control, "r")
+        state = await reported(control, sequence)
+        assert state.active is None
+        assert served(agent) is None
+        assert any(s == sequence for s, _m, _r in events(control, EventKind.DEACTIVATED))
 
 
 class TestObservability:

@@ -204,13 +204,24 @@ class TestDesiredStates:
         wrong clock."""
         s = session(applied_sequence=3)
         s.on_message(topic(Channel.DESIRED), desired(4), "t", NOW)
-        s.on_desired_done(4, issued_at=NOW)
+        s.on_desired_done(4, issued_at=NOW, now_s=NOW)
         assert s.known_good_s == NOW
         old_but_unseen = desired(5, expires=NOW - 5)  # expired before the last one was issued
         actions = s.on_message(topic(Channel.DESIRED), old_but_unseen, "t", 0)  # clock at 1970
         [dropped] = [a for a in actions if isinstance(a, Dropped)]
         assert dropped.code == "expired_desired_state"
         assert s.in_progress is None
+
+    def test_a_state_from_a_director_clock_far_ahead_moves_known_good_a_day_at_most(self):
+        """One state signed a year in the future must not make every later, correctly dated
+        state look expired: the last-known-good time moves a day past our clock at most."""
+        s = session()
+        s.on_desired_done(4, issued_at=NOW + 365 * 86400, now_s=NOW)
+        assert s.known_good_s == NOW + 86400
+        actions = s.on_message(
+            topic(Channel.DESIRED), desired(5, expires=NOW + 7 * 86400), "t", NOW
+        )
+        assert isinstance(actions[0], ApplyDesired)
 
     def test_a_release_is_applied_like_any_desired_state(self):
         """A signed state with no target reaches the shell (which undoes the rollout)."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from edgelm_agent.api.context import API_CONTEXT
+from edgelm_agent.api.context import API_CONTEXT, ApiContext
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -26,13 +26,16 @@ async def readyz(request: web.Request) -> web.Response:
     if active is None:
         if host.starting:
             return web.json_response({"status": "loading"}, status=503)
-        body: dict[str, object] = {
-            "status": "no_model",
-            "message": "no model is active; import one with `edgelm models import PATH`",
-            "services": services,
-        }
+        hint = (
+            "no model is active; the fleet's next desired state brings one"
+            if ctx.sync is not None
+            else "no model is active; import one with `edgelm models import PATH`"
+        )
+        body: dict[str, object] = {"status": "no_model", "message": hint, "services": services}
         if failing:
             body["failing_services"] = failing
+        if ctx.sync is not None:
+            body["sync"] = await _sync_details(ctx)
         return web.json_response(body, status=503)
     if active.health.degraded or failing:
         body = {"status": "degraded", "model": active.model_id}
@@ -50,13 +53,18 @@ async def readyz(request: web.Request) -> web.Response:
         "services": services,
     }
     if ctx.sync is not None:  # offline is normal: it is said, it never makes a device unready
-        status = ctx.sync.status()
-        sync = {**status["broker"], "applied_sequence": status["desired"]["applied_sequence"]}
-        if ctx.outbox is not None:  # an outbox that only grows means the link is not draining
-            counts = await ctx.outbox.counts()
-            sync["outbox"] = {str(kind): n for kind, n in counts.items()}
-        ready["sync"] = sync
+        ready["sync"] = await _sync_details(ctx)
     return web.json_response(ready)
+
+
+async def _sync_details(ctx: ApiContext) -> dict[str, object]:
+    assert ctx.sync is not None
+    status = ctx.sync.status()
+    sync = {**status["broker"], "applied_sequence": status["desired"]["applied_sequence"]}
+    if ctx.outbox is not None:  # an outbox that only grows means the link is not draining
+        counts = await ctx.outbox.counts()
+        sync["outbox"] = {str(kind): n for kind, n in counts.items()}
+    return sync
 
 
 async def metrics(request: web.Request) -> web.Response:

@@ -12,6 +12,7 @@
     │   ├── InvalidModelMetadata     a target without the custom fields the agent needs
     │   └── MetadataTooLarge         metadata over its size limit (endless-data attack)
     ├── DownloadError            the transport failed on every mirror
+    │   └── DownloadRefused          ... and every mirror refused for good (HTTP 4xx)
     ├── Cancelled                work stopped part-way: its caller went away, or the agent stops
     │   └── InstallCancelled         a download was cancelled (a newer desired state); resumable
     ├── InsufficientSpace        not enough free disk for the model plus the margin
@@ -77,6 +78,14 @@ class MetadataTooLarge(RepositoryError):
 class DownloadError(RegistryError):
     code = "download_failed"
     transient = True
+
+
+class DownloadRefused(DownloadError):
+    """Every mirror refused for good (an HTTP 4xx other than 408 and 429): trying the same
+    again will not help."""
+
+    code = "download_refused"
+    transient = False
 
 
 class Cancelled(RegistryError):

@@ -11,7 +11,9 @@ checks, because trust comes from the signatures, never from where the bytes came
 
 from __future__ import annotations
 
+import errno
 import os
+import shutil
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -20,7 +22,13 @@ import urllib3
 from tuf.api import exceptions as tuf_exceptions
 from tuf.ngclient.fetcher import FetcherInterface
 
-from edgelm_agent.registry.errors import DownloadError, InstallCancelled, TargetMismatch
+from edgelm_agent.registry.errors import (
+    DownloadError,
+    DownloadRefused,
+    InstallCancelled,
+    InsufficientSpace,
+    TargetMismatch,
+)
 
 MIRROR_URL = "edgelm-mirror:///"  # what ngclient sees; the fetcher maps it onto each mirror
 CHUNK_BYTES = 1 << 20
@@ -134,6 +142,7 @@ def download_resumable(
     pool = pool or urllib3.PoolManager(retries=False)
     timeout = urllib3.Timeout(connect=timeout_s, read=timeout_s)
     failures: list[str] = []
+    refused = 0  # mirrors that said no for good
     for mirror in mirrors:
         have = partial.stat().st_size if partial.exists() else 0
         if have > length:  # a leftover from another target of the same name: start over
@@ -153,9 +162,18 @@ def download_resumable(
             return _append(partial, chunks, have, length, progress, cancel)
         except (TargetMismatch, InstallCancelled):
             raise
-        except (OSError, urllib3.exceptions.HTTPError, DownloadError) as exc:
+        except OSError as exc:
+            if exc.errno == errno.ENOSPC:  # our disk, not the mirror: no other mirror helps
+                free = shutil.disk_usage(partial.parent).free
+                raise InsufficientSpace(
+                    needed_bytes=length - have, available_bytes=free, path=str(partial.parent)
+                ) from exc
             failures.append(f"{mirror}: {exc}")
-    raise DownloadError(f"cannot download {relative}: " + "; ".join(failures))
+        except (urllib3.exceptions.HTTPError, DownloadError) as exc:
+            refused += isinstance(exc, DownloadRefused)
+            failures.append(f"{mirror}: {exc}")
+    error = DownloadRefused if failures and refused == len(failures) else DownloadError
+    raise error(f"cannot download {relative}: " + "; ".join(failures))
 
 
 def _http_range(
@@ -168,6 +186,8 @@ def _http_range(
     if response.status == 200:
         return _stream(response), 0  # the server ignored Range: the whole file comes again
     _discard(response)
+    if 400 <= response.status < 500 and response.status not in (408, 429):
+        raise DownloadRefused(f"HTTP {response.status}")
     raise DownloadError(f"HTTP {response.status}")
 
 

@@ -59,6 +59,10 @@ class RegistryState:
     active: str | None = None
     previous: str | None = None
     pinned: frozenset[str] = frozenset()
+    #: The fleet rollout whose desired state made ``active`` active, if one did: a release
+    #: (an aborted rollout) undoes only its own rollout's switch. Kept here, not read back
+    #: from the history, which is capped.
+    active_rollout: str | None = None
     history: tuple[HistoryEntry, ...] = ()
     #: The sequence number the next history entry gets.
     next_seq: int = 1
@@ -82,7 +86,13 @@ class RegistryState:
     def activated(self, ref: str, details: dict[str, Any] | None = None) -> RegistryState:
         previous = self.active if self.active != ref else self.previous
         entry = HistoryEntry.now("activated", ref, details=details)
-        return self.with_event(entry, active=ref, previous=previous)
+        rollout = (details or {}).get("rollout")
+        return self.with_event(
+            entry,
+            active=ref,
+            previous=previous,
+            active_rollout=rollout if isinstance(rollout, str) else None,
+        )
 
     def activation_failed(
         self, ref: str, reason: str, details: dict[str, Any] | None = None
@@ -94,7 +104,8 @@ class RegistryState:
     ) -> RegistryState:
         previous = self.active if self.active != ref else self.previous
         entry = HistoryEntry.now("rolled_back", ref, reason, details)
-        return self.with_event(entry, active=ref, previous=previous)
+        # The model it goes back to is nobody's rollout any more: no release undoes it.
+        return self.with_event(entry, active=ref, previous=previous, active_rollout=None)
 
     def deactivated(
         self, ref: str, reason: str, details: dict[str, Any] | None = None
@@ -102,7 +113,11 @@ class RegistryState:
         """Nothing is served any more. ``previous`` stays: ``ref`` was withdrawn, so a
         rollback must not bring it back."""
         entry = HistoryEntry.now("deactivated", ref, reason, details)
-        return self.with_event(entry, active=None)
+        return self.with_event(entry, active=None, active_rollout=None)
+
+    def claimed(self, rollout: str | None) -> RegistryState:
+        """A rollout asked for the model that already serves: it is that rollout's now."""
+        return replace(self, active_rollout=rollout)
 
     def removed(self, refs: set[str]) -> RegistryState:
         models = {k: v for k, v in self.models.items() if k not in refs}
@@ -122,6 +137,7 @@ class RegistryState:
                 "active": self.active,
                 "previous": self.previous,
                 "pinned": sorted(self.pinned),
+                "active_rollout": self.active_rollout,
                 "history": [vars(h) for h in self.history],
                 "next_seq": self.next_seq,
             },
@@ -138,6 +154,7 @@ class RegistryState:
             active=data.get("active"),
             previous=data.get("previous"),
             pinned=frozenset(data.get("pinned", [])),
+            active_rollout=data.get("active_rollout"),
             history=history,
             next_seq=max(int(data.get("next_seq", 1)), known + 1),
         )

@@ -26,6 +26,7 @@ KINDS = {
     "activated": EventKind.ACTIVATED,
     "activation_failed": EventKind.ACTIVATION_FAILED,
     "rolled_back": EventKind.ROLLED_BACK,
+    "deactivated": EventKind.DEACTIVATED,
 }
 
 

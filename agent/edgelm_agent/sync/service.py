@@ -113,9 +113,13 @@ def mqtt_settings(config: AgentConfig, enrollment: Enrollment) -> MqttSettings:
 
 @dataclass
 class DesiredRun:
-    state: DesiredState
+    state: DesiredState  # replaced when the director renews it (same target, newer sequence)
     cancel: threading.Event = field(default_factory=threading.Event)
     task: asyncio.Task[None] | None = None
+
+    @property
+    def running(self) -> bool:
+        return self.task is not None and not self.task.done() and not self.cancel.is_set()
 
 
 class SyncService:
@@ -336,10 +340,20 @@ class SyncService:
     async def _refresh(self) -> None:
         # Every device hears the announcement at once: spread the repository's load.
         await asyncio.sleep(random.uniform(0, self.config.sync_refresh_jitter_s))
+        await self._refresh_now()
+
+    async def _refresh_now(self) -> None:
+        """Fetch and verify the repository's metadata, in the registry thread as the local
+        API does (never beside an activation); a failure is only logged."""
         try:
-            offered = await asyncio.to_thread(self.registry.available)
+            offered = await self.models.exclusive_work(
+                lambda cancel: self.registry.available(), what="metadata refresh"
+            )
         except EdgelmError as exc:
             log.warning("repository_refresh_failed", error=f"{exc.code}: {exc}"[:500])
+            return
+        except Exception:  # a bug here must not kill the sync service
+            log.exception("repository_refresh_failed")
             return
         log.info("repository_refreshed", offered=len(offered))
 
@@ -433,6 +447,10 @@ class SyncService:
             if not spec.wait_for_model:  # as the local API: no job waits for a model in vain
                 known = await self.models.known_models()
                 if spec.model not in known:
+                    # Pushed a moment ago, maybe: look at the repository once before refusing.
+                    await self._refresh_now()
+                    known = await self.models.known_models()
+                if spec.model not in known:
                     raise ModelNotFound(spec.model, sorted(known), what="installed or offered")
         except EdgelmError as exc:  # the request itself is wrong: it ends now, reported
             await self._refuse(client, action, exc)
@@ -464,10 +482,29 @@ class SyncService:
     # --- desired states ---
 
     async def _start_desired(self, state: DesiredState) -> None:
-        await self._stop_desired()  # latest wins: cancel a download in progress
+        current = self._desired
+        if current is not None and current.running and _renews(current.state, state):
+            # The director renewed the state before it expired: same target, same rollout,
+            # a new sequence. The run goes on (a download is not started again) and counts
+            # for the new sequence when it ends.
+            log.info("desired_state_renewed", sequence=state.sequence,
+                     replaces=current.state.sequence)  # fmt: skip
+            current.state = state
+            return
+        if current is not None:
+            current.cancel.set()  # latest wins: a download in progress stops
         run = DesiredRun(state)
-        run.task = asyncio.get_running_loop().create_task(self._apply(run))
+        run.task = asyncio.get_running_loop().create_task(self._apply_after(current, run))
         self._desired = run
+
+    async def _apply_after(self, before: DesiredRun | None, run: DesiredRun) -> None:
+        """Apply ``run`` once the run it supersedes has ended. A download stops at once; an
+        activation under way cannot be cut short, so it finishes first, and a release that
+        follows sees what it did."""
+        if before is not None and before.task is not None:
+            await asyncio.wait({before.task})  # neither raises what it raised nor hides ours
+        if not run.cancel.is_set():  # superseded in turn while it waited: the newer one acts
+            await self._apply(run)
 
     async def _stop_desired(self) -> None:
         run = self._desired
@@ -487,7 +524,7 @@ class SyncService:
             try:
                 await self._release(state, cause)
             finally:
-                await self._done(state)
+                await self._done(run.state)
             return
         log.info("desired_state_applying", sequence=state.sequence, target=target.path)
         await self._report(_event(EventKind.DESIRED_ACCEPTED, state))
@@ -495,6 +532,8 @@ class SyncService:
             registry_state = await asyncio.to_thread(self.registry.state)
             installed = _installed(registry_state, target.path, target.sha256)
             if installed is not None and registry_state.active == installed.ref:
+                if registry_state.active_rollout != state.rollout:
+                    await self.models.claim(state.rollout)  # a release of another leaves it
                 await self._already_active(installed, registry_state, state)
                 return
             if installed is None:
@@ -506,7 +545,7 @@ class SyncService:
             except EdgelmError as exc:  # recorded in the history: reported from there
                 log.warning("desired_state_not_activated", model=installed.ref, error=str(exc))
         finally:
-            await self._done(state)
+            await self._done(run.state)  # the newest sequence, if the state was renewed
 
     async def _release(self, state: DesiredState, cause: dict[str, Any]) -> None:
         """A desired state with no target: the fleet assigns this device no model.
@@ -516,19 +555,14 @@ class SyncService:
         the previous model, or to serving none when there is no previous one. A model that
         someone else activated (a local operator, another rollout) is left alone.
         """
-        log.info("desired_state_release", sequence=state.sequence, rollout=state.rollout)
-        registry_state = await asyncio.to_thread(self.registry.state)
-        if not _switched_by(registry_state, state.rollout):
-            return
         reason = f"released by the fleet (rollout {state.rollout})"
         try:
-            previous = registry_state.previous
-            if previous is not None and previous in registry_state.models:
-                await self.models.rollback(details=cause, reason=reason)
-            else:
-                await self.models.deactivate(details=cause, reason=reason)
+            outcome = await self.models.release(state.rollout, details=cause, reason=reason)
         except EdgelmError as exc:  # a failed activation is in the history: reported there
             log.warning("desired_state_release_failed", error=str(exc))
+            return
+        log.info("desired_state_release", sequence=state.sequence, rollout=state.rollout,
+                 outcome=outcome or "nothing of this rollout's runs")  # fmt: skip
 
     async def _install(self, run: DesiredRun) -> ModelTarget | None:
         """Download and verify the target. A transient failure (the network, a repository
@@ -561,7 +595,8 @@ class SyncService:
                 except RegistryError as exc:
                     reason = f"{exc.code}: {exc}"
                     pause = backoff.delay_s(attempt)
-                    if not exc.transient or time.time() + pause >= state.expires:
+                    now = max(time.time(), self.session.known_good_s)  # as verification does
+                    if not exc.transient or now + pause >= run.state.expires:
                         await self._report(_event(EventKind.INSTALL_FAILED, state, reason=reason))
                         log.warning("desired_state_install_failed", target=target.path,
                                     error=str(exc), attempts=attempt + 1)  # fmt: skip
@@ -569,9 +604,10 @@ class SyncService:
                 attempt += 1
                 log.info("desired_state_install_retry", target=target.path, attempt=attempt,
                          retry_in_s=round(pause, 1), error=reason[:300])  # fmt: skip
-                # The event log shows the retries (the row stays "downloading").
+                # The event log shows the retries; they are not progress, so the rollout's
+                # device timeout still runs (the row turns timed_out, and succeeded later).
                 retry = f"retry {attempt} in {pause:.0f} s after {reason}"
-                await self._report(_event(EventKind.DOWNLOAD_STARTED, state, reason=retry))
+                await self._report(_event(EventKind.DOWNLOAD_RETRYING, state, reason=retry))
                 if await _cancelled_within(run.cancel, pause):
                     await self._report(
                         _event(EventKind.INSTALL_CANCELLED, state, reason="superseded")
@@ -604,7 +640,7 @@ class SyncService:
         await self._report(_event(EventKind.ACTIVATED, state, model=target.ref), health=health)
 
     async def _done(self, state: DesiredState) -> None:
-        self.session.on_desired_done(state.sequence, state.issued_at)
+        self.session.on_desired_done(state.sequence, state.issued_at, int(time.time()))
         applied, known_good = self.session.applied_sequence, self.session.known_good_s
 
         def persist(c: Any) -> None:
@@ -650,20 +686,14 @@ async def _cancelled_within(cancel: threading.Event, seconds: float) -> bool:
     return True
 
 
-def _switched_by(state: RegistryState, rollout: str | None) -> bool:
-    """Whether the active model is there because ``rollout`` activated it: the newest entry
-    that changed the active model was that rollout's."""
-    if rollout is None or state.active is None:
-        return False
-    for entry in reversed(state.history):
-        if entry.event in ("activated", "rolled_back", "deactivated"):
-            details = entry.details or {}
-            return (
-                entry.event == "activated"
-                and entry.model == state.active
-                and details.get("rollout") == rollout
-            )
-    return False
+def _renews(current: DesiredState, new: DesiredState) -> bool:
+    """``new`` only renews ``current``: the same target for the same rollout."""
+    return (
+        new.target is not None
+        and new.target == current.target
+        and new.rollout == current.rollout
+        and new.sequence > current.sequence
+    )
 
 
 def _installed(state: RegistryState, path: str, sha256: str) -> ModelTarget | None:

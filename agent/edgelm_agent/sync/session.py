@@ -161,6 +161,10 @@ Action = (
 )
 
 
+#: How far a desired state's ``issued_at`` may move the last-known-good time past the
+#: device's own clock.
+MAX_CLOCK_SKEW_S = 24 * 3600
+
 # --- the session -------------------------------------------------------------------------------
 
 
@@ -283,11 +287,15 @@ class SyncSession:
             ),
         ]
 
-    def on_desired_done(self, sequence: int, issued_at: int = 0) -> None:
+    def on_desired_done(self, sequence: int, issued_at: int = 0, now_s: int = 0) -> None:
         """The desired state ``sequence`` (issued at ``issued_at``) was acted on, whatever
         the outcome: a replay of it is ignored from now on."""
         self.applied_sequence = max(self.applied_sequence, sequence)
-        self.known_good_s = max(self.known_good_s, issued_at)
+        # Bounded by our own clock (plus a day of skew) when that clock is plausible: one
+        # state signed by a director whose clock ran far ahead must not make every later,
+        # correctly dated state look expired for ever.
+        reference = max(now_s, self.known_good_s)
+        self.known_good_s = max(self.known_good_s, min(issued_at, reference + MAX_CLOCK_SKEW_S))
         if self.in_progress is not None and self.in_progress.sequence <= sequence:
             self.in_progress = None
 

@@ -71,10 +71,13 @@ def int_query(request: web.Request, name: str) -> int | None:
     if raw is None:
         return None
     text = raw.strip()
-    if not text.isascii() or not text.lstrip("-").isdigit():
-        raise InvalidRequest(f"{name} must be an integer, got {raw!r}", param=name)
-    value = int(text[:40])  # longer is out of range anyway; int() of a huge string is slow
-    if len(text) > 40 or not _INT64_MIN <= value <= _INT64_MAX:
+    digits = text[1:] if text.startswith("-") else text
+    if not text.isascii() or not digits.isdigit():
+        raise InvalidRequest(f"{name} must be an integer, got {raw[:60]!r}", param=name)
+    significant = digits.lstrip("0")
+    # More than 19 significant digits is out of range anyway; int() of a huge string is slow.
+    value = int(text) if len(significant) <= 19 else None
+    if value is None or not _INT64_MIN <= value <= _INT64_MAX:
         # The databases' BIGINT: beyond it SQLite raises OverflowError, a 500.
         raise InvalidRequest(
             f"{name} must be between {_INT64_MIN} and {_INT64_MAX}, got {raw[:60]!r}", param=name

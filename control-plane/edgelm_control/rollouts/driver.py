@@ -106,6 +106,7 @@ def row_facts(row: RowRecord, rollout: RolloutRecord) -> RowFacts:
         previous_model=row.previous_model,
         desired_sequence=row.desired_sequence,
         abort_sequence=row.abort_sequence,
+        released=row.previous_target is None,
     )
 
 

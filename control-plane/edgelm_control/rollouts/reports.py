@@ -13,7 +13,8 @@ installed                                            ``installed``
 install_failed, desired_rejected                     ``install_failed``
 activated                                            ``activated`` (success: it *runs* it)
 activation_failed                                    ``activation_failed``
-install_cancelled, rolled_back                       nothing (the device's own bookkeeping)
+install_cancelled, rolled_back, deactivated,         nothing (the device's own bookkeeping;
+download_retrying                                    a retry is not progress)
 ==================================================  =========================================
 
 After an abort the row waits for the device to run its previous model again: a report of
@@ -64,6 +65,9 @@ class RowFacts:
     previous_model: str | None
     desired_sequence: int | None
     abort_sequence: int | None
+    #: The abort sent a release (the fleet could not name a previous model): the device
+    #: undoes the rollout's switch by its own lights, so what it runs after is its own.
+    released: bool = False
 
 
 @dataclass(frozen=True)
@@ -103,11 +107,15 @@ def state_means_rolled_back(
     row: RowFacts, *, active_model: str | None, applied_sequence: int
 ) -> bool:
     """Whether a device's reported state shows the row's rollback done: it applied the
-    abort's desired state and runs what it ran before the rollout (nothing, if it ran
-    nothing: a released device that unloaded the rollout's model)."""
-    return (
-        row.state is DeviceState.ROLLING_BACK
-        and row.abort_sequence is not None
-        and active_model == row.previous_model
-        and applied_sequence >= row.abort_sequence
-    )
+    abort's desired state and runs what it ran before the rollout. After a release, anything
+    but the rollout's model will do: nothing, if it ran nothing, or a model of its own (the
+    registry's previous one may differ from what the row saw when the rollout began)."""
+    if (
+        row.state is not DeviceState.ROLLING_BACK
+        or row.abort_sequence is None
+        or applied_sequence < row.abort_sequence
+    ):
+        return False
+    if row.released:
+        return active_model != row.model
+    return active_model == row.previous_model

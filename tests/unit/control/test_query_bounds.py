@@ -26,9 +26,17 @@ def test_an_integer_beyond_64_bits_is_refused_naming_the_parameter(value: str) -
     assert len(str(caught.value)) < 300  # the message does not echo 5,000 digits
 
 
-@pytest.mark.parametrize("value", [0, 2**63 - 1, -(2**63)])
-def test_the_edges_of_the_range_are_taken(value: int) -> None:
-    assert int_query(request(f"since={value}"), "since") == value
+def test_a_double_minus_is_not_a_number() -> None:
+    with pytest.raises(InvalidRequest) as caught:
+        int_query(request("since=--5"), "since")
+    assert caught.value.param == "since"
+
+
+@pytest.mark.parametrize(
+    "value", [0, 2**63 - 1, -(2**63), "0000000000000000000000000000000000000000042"]
+)
+def test_the_edges_of_the_range_are_taken(value: int | str) -> None:
+    assert int_query(request(f"since={value}"), "since") == int(value)
 
 
 def test_a_cursor_with_an_integer_beyond_64_bits_is_refused() -> None:

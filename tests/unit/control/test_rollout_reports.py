@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -45,6 +47,8 @@ EXPECTED = {
     "activation_failed": "activation_failed",
     "install_cancelled": None,
     "rolled_back": None,
+    "deactivated": None,
+    "download_retrying": None,  # a retry is not progress: the device timeout keeps running
 }
 
 
@@ -103,6 +107,16 @@ class TestRollbackReports:
         assert not state_means_rolled_back(waiting, active_model=NEW, applied_sequence=25)
         assert not state_means_rolled_back(row(S.SUCCEEDED, abort=20), active_model=OLD,
                                            applied_sequence=25)  # fmt: skip
+
+    def test_after_a_release_anything_but_the_rollouts_model_is_rolled_back(self):
+        """A released device runs nothing, or a model of its own that the row never saw
+        (imported locally before the wave): either way the rollout's model is gone."""
+        released = dataclasses.replace(row(S.ROLLING_BACK, abort=20), previous_model=None,
+                                       released=True)  # fmt: skip
+        assert state_means_rolled_back(released, active_model=None, applied_sequence=20)
+        assert state_means_rolled_back(released, active_model="local@1", applied_sequence=20)
+        assert not state_means_rolled_back(released, active_model=NEW, applied_sequence=25)
+        assert not state_means_rolled_back(released, active_model=None, applied_sequence=19)
 
 
 @given(

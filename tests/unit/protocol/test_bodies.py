@@ -199,11 +199,11 @@ class TestEvent:
         assert Event.from_json(body.to_json()) == body
 
     def test_every_spec_kind_exists(self) -> None:
-        """The ten event kinds of docs/protocol.md, and only those."""
+        """The twelve event kinds of docs/protocol.md, and only those."""
         assert {kind.value for kind in EventKind} == {
             "desired_accepted", "desired_rejected", "download_started", "download_progress",
-            "installed", "install_failed", "install_cancelled", "activated",
-            "activation_failed", "rolled_back",
+            "download_retrying", "installed", "install_failed", "install_cancelled",
+            "activated", "activation_failed", "rolled_back", "deactivated",
         }  # fmt: skip
 
     def test_reads_health(self) -> None:
