@@ -165,8 +165,9 @@ class ModelManager:
         return target, old, model
 
     async def known_models(self) -> set[str]:
-        """Models that are served, installed, or offered by the trusted repository."""
-        served = {m.model_id for m in self.host.models()}
+        """Models that are served, installed, or offered by the trusted repository, by name
+        and by ``name@version``."""
+        served = {name for m in self.host.models() for name in m.names}
         return served | await asyncio.to_thread(self.registry.known_names)
 
     async def exclusive(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:

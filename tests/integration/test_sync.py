@@ -389,9 +389,14 @@ class TestRemoteJobs:
     ):
         """As on the local API: a job naming a model neither installed nor offered ends at
         once with model_not_found in its result, instead of waiting for ever; with
-        wait_for_model it is queued."""
+        wait_for_model it is queued. A model the repository offers counts, by name and by
+        name@version."""
+        fleet.repository.add("tiny", "1.0")  # offered, not installed
         agent = fleet.agent()
         await online(control, "kiosk-1")
+        offered = await control.job(
+            "kiosk-1", {"model": "tiny@1.0", "prompt": "hi", "max_tokens": 2}
+        )
         request: dict[str, Any] = {"model": "absent", "prompt": "hi", "max_tokens": 2}
         refused = await control.job("kiosk-1", request)
         results = await control.wait_for(lambda: control.results("kiosk-1", refused), "refusal")
@@ -399,12 +404,15 @@ class TestRemoteJobs:
         assert body.state == "failed"
         assert body.error is not None
         assert body.error.code == "model_not_found"
-        assert agent.request("GET", "/v1/jobs?limit=500")[1]["data"] == []
+        assert not control.results("kiosk-1", offered)  # queued, waiting for its model
+        jobs = agent.request("GET", "/v1/jobs?limit=500")[1]["data"]
+        assert [(j["model"], j["state"]) for j in jobs] == [("tiny@1.0", "queued")]
         await control.job("kiosk-1", request, wait_for_model=True)
         queued = await control.wait_for(
-            lambda: agent.request("GET", "/v1/jobs?limit=500")[1]["data"], "the waiting job"
+            lambda: len(agent.request("GET", "/v1/jobs?limit=500")[1]["data"]) == 2,
+            "the waiting job",
         )
-        assert [j["state"] for j in queued] == ["queued"]
+        assert queued
 
 
 class TestResilience:

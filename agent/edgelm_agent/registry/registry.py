@@ -113,7 +113,8 @@ def _stamp(path: Path) -> tuple[int, int] | None:
 
 
 def _offered_names(targets_json: Path) -> set[str]:
-    """Model names listed in targets metadata ngclient verified before it stored it."""
+    """Model names, and ``name@version``, listed in targets metadata ngclient verified
+    before it stored it."""
     try:
         targets = json.loads(targets_json.read_bytes())["signed"]["targets"]
     except (OSError, ValueError, KeyError, TypeError):
@@ -123,6 +124,7 @@ def _offered_names(targets_json: Path) -> set[str]:
         parts = path.split("/") if isinstance(path, str) else []
         if len(parts) == 4 and parts[0] == "models" and NAME_RE.fullmatch(parts[1]):
             names.add(parts[1])
+            names.add(f"{parts[1]}@{parts[2]}")
     return names
 
 
@@ -253,7 +255,8 @@ class Registry:
         key = tuple(_stamp(f) for f in files)
         if self._names_cache is not None and self._names_cache[0] == key:
             return set(self._names_cache[1])
-        names = {t.name for t in self.state().models.values()}
+        installed = self.state().models.values()
+        names = {t.name for t in installed} | {f"{t.name}@{t.version}" for t in installed}
         names |= _offered_names(files[1])
         self._names_cache = (key, frozenset(names))
         return names
