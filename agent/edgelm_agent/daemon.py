@@ -17,6 +17,11 @@ from here. Lifecycle:
    cancels the import or activation in progress (hashing stops within a chunk) and goes
    straight to this step.
 
+Under systemd (``Type=notify``, see :mod:`edgelm_agent.systemd_notify`) the same steps are
+told to the manager: ``STATUS=`` from the start, ``READY=1`` at step 3's end (a model serves,
+or the agent is up without one), ``STOPPING=1`` at step 4, and ``WATCHDOG=1`` from the event
+loop throughout. Without ``NOTIFY_SOCKET`` none of this happens.
+
 aiohttp's own ``shutdown_timeout`` is not the grace period: it waits up to twice its value and
 treats 0 as "forever", so the daemon tracks its requests and applies the grace itself.
 """
@@ -66,6 +71,7 @@ from edgelm_agent.services import Service, Supervisor
 from edgelm_agent.serving import ModelHost
 from edgelm_agent.state_dir import prepare_state_dir
 from edgelm_agent.sync.service import SyncService
+from edgelm_protocol.systemd_notify import ServiceNotifier
 
 log = structlog.get_logger(__name__)
 
@@ -103,11 +109,42 @@ class Daemon:
         self._registry_lock = contextlib.ExitStack()
         self._on_ready = on_ready
         self._stop = asyncio.Event()
+        self.notifier = ServiceNotifier.from_environment()
+        self._sync: SyncService | None = None  # for the status line
 
     def request_stop(self) -> None:
         self._stop.set()
 
     async def run(self) -> None:
+        notifier = self.notifier
+        # Fed from this loop from the start: a model that takes minutes to verify and load
+        # keeps the watchdog happy (that work runs in a thread), a hung loop does not.
+        status_task = asyncio.get_running_loop().create_task(
+            notifier.run(self.service_status), name="systemd-notify"
+        )
+        try:
+            await self._run(notifier)
+        finally:
+            notifier.stopping()  # a failed start-up too: systemd learns it from the exit code
+            await _stop_task(status_task)
+            notifier.close()
+
+    def service_status(self) -> str:
+        """The ``STATUS=`` line ``systemctl status`` shows."""
+        sync = self._sync
+        connected = None if sync is None else bool(sync.status()["broker"]["connected"])
+        fleet = None if self.config.enrollment is None else self.config.enrollment.fleet
+        active = self.host.active
+        return describe_status(
+            starting=self.host.starting,
+            draining=self.host.draining,
+            model_id=active.model_id if active else None,
+            importing=self.config.model_path,
+            fleet=fleet,
+            fleet_connected=connected,
+        )
+
+    async def _run(self, notifier: ServiceNotifier) -> None:
         config = self.config
         policy = None
         if config.http is not None:
@@ -146,6 +183,7 @@ class Daemon:
                 metrics=self.metrics,
             )
             long_running.append(sync)
+            self._sync = sync
         services = Supervisor(long_running, observer=self.metrics)
         ctx = ApiContext(
             self.host,
@@ -222,7 +260,9 @@ class Daemon:
                     self._on_ready(
                         ReadyInfo(config.socket_path, http, active.model_id if active else None)
                     )
+                notifier.ready(self.service_status())  # /readyz answers 200, or no_model
             await self._stop.wait()
+            notifier.stopping("stopping: finishing the requests in flight")
             await self._drain(listeners, ctx)
         finally:
             self.host.draining = True
@@ -322,6 +362,31 @@ class Daemon:
 ANSWER_AFTER_GRACE_S = 2.0
 #: SIGTERM during start-up: how long the import or activation in progress gets to stop.
 START_STOP_WAIT_S = 10.0
+
+
+def describe_status(
+    *,
+    starting: bool,
+    draining: bool,
+    model_id: str | None,
+    importing: Path | None,
+    fleet: str | None,
+    fleet_connected: bool | None,
+) -> str:
+    """What the agent is doing, in one line for ``systemctl status``: loading, serving (or up
+    without a model), and for a fleet device whether it syncs or is offline."""
+    if draining:
+        return "stopping: finishing the requests in flight"
+    if starting:
+        if importing is not None:
+            return f"loading: importing {importing.name} into the registry"
+        return "loading the active model"
+    doing = f"serving {model_id}" if model_id else "up, no model to serve"
+    if fleet is None:
+        return doing
+    if fleet_connected:
+        return f"{doing}; syncing with fleet {fleet}"
+    return f"{doing}; offline from fleet {fleet}, reconnecting"
 
 
 def _loop_exception_handler(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:

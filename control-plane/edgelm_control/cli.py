@@ -1,7 +1,10 @@
 """``edgelm control run``: the control plane in the foreground (systemd runs it this way too).
 
 SIGTERM and SIGINT stop it cleanly (see :mod:`edgelm_control.service`) and it exits 0; a
-configuration error exits 2 with the reason, before anything starts.
+configuration error exits 2 with the reason, before anything starts. Under systemd
+(``Type=notify``) it says ``READY=1`` once it listens with its store migrated, ``STATUS=``
+lines, ``WATCHDOG=1`` from the event loop and ``STOPPING=1`` (see
+:mod:`edgelm_agent.systemd_notify`, shared with the agent); without ``NOTIFY_SOCKET``, nothing.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from edgelm_control.config import load_config
 from edgelm_control.errors import ConfigError
 from edgelm_control.logs import configure_logging
 from edgelm_control.service import ControlService
+from edgelm_protocol.systemd_notify import ServiceNotifier
 
 
 @click.group()
@@ -54,8 +58,15 @@ def run(config_file: Path | None, **flags: str | None) -> None:
 
 async def _serve(service: ControlService) -> None:
     loop = asyncio.get_running_loop()
+    notifier = ServiceNotifier.from_environment()
+
+    def stop() -> None:
+        notifier.stopping()
+        service.stop()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, service.stop)
+        loop.add_signal_handler(sig, stop)
+    status = loop.create_task(notifier.run(lambda: service_status(service)))
     task = loop.create_task(service.run())
     ready = loop.create_task(service.ready.wait())
     await asyncio.wait({task, ready}, return_when=asyncio.FIRST_COMPLETED)
@@ -68,9 +79,27 @@ async def _serve(service: ControlService) -> None:
             file=sys.stderr,
             flush=True,
         )
+        notifier.ready(service_status(service))
     try:
         await task
     finally:
         ready.cancel()
+        notifier.stopping()
+        status.cancel()
+        await asyncio.gather(status, return_exceptions=True)
+        notifier.close()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
+
+
+def service_status(service: ControlService) -> str:
+    """The ``STATUS=`` line ``systemctl status`` shows."""
+    info = service.info
+    if info is None:
+        return "starting: migrating the store, indexing the repository"
+    link = service.link
+    broker = "connected to" if link is not None and link.connected else "reconnecting to"
+    return (
+        f"serving fleet {info.fleet} on http://{info.http_host}:{info.http_port}; "
+        f"{broker} the broker {info.broker}"
+    )
