@@ -17,7 +17,7 @@ from here. Lifecycle:
    cancels the import or activation in progress (hashing stops within a chunk) and goes
    straight to this step.
 
-Under systemd (``Type=notify``, see :mod:`edgelm_agent.systemd_notify`) the same steps are
+Under systemd (``Type=notify``, see :mod:`edgelm_protocol.systemd_notify`) the same steps are
 told to the manager: ``STATUS=`` from the start, ``READY=1`` at step 3's end (a model serves,
 or the agent is up without one), ``STOPPING=1`` at step 4, and ``WATCHDOG=1`` from the event
 loop throughout. Without ``NOTIFY_SOCKET`` none of this happens.

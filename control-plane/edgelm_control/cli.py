@@ -4,7 +4,7 @@ SIGTERM and SIGINT stop it cleanly (see :mod:`edgelm_control.service`) and it ex
 configuration error exits 2 with the reason, before anything starts. Under systemd
 (``Type=notify``) it says ``READY=1`` once it listens with its store migrated, ``STATUS=``
 lines, ``WATCHDOG=1`` from the event loop and ``STOPPING=1`` (see
-:mod:`edgelm_agent.systemd_notify`, shared with the agent); without ``NOTIFY_SOCKET``, nothing.
+:mod:`edgelm_protocol.systemd_notify`, shared with the agent); without ``NOTIFY_SOCKET``, nothing.
 """
 
 from __future__ import annotations
