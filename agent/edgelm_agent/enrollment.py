@@ -12,6 +12,13 @@ only if the fleet's signed metadata lists them, with the same length and hash; t
 forgotten (their files stay on disk until ``gc``, and a model the fleet sends later with the
 same hash is never fetched again). When the fleet's repository cannot be reached at enrollment,
 none can be checked, so none is kept: trust is never assumed.
+
+A bundle of a fleet with a CA carries ``tls``: the fleet CA, this device's certificate (CN =
+its id) and its key. They are written beside the enrollment, 0600, under
+``<state_dir>/fleet/tls/``; the sync service then speaks ``mqtts://`` with the fleet CA as its
+only trust anchor and the certificate as its identity. Such a device never speaks plain
+``mqtt://`` to a broker that is not on the same machine: the bundle is refused at enrollment,
+and the settings at start.
 """
 
 from __future__ import annotations
@@ -23,6 +30,9 @@ from pathlib import Path
 from typing import Any
 
 import structlog
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.x509.oid import NameOID
 from tuf.api.metadata import Metadata, Root
 
 from edgelm_agent.errors import ConfigError
@@ -30,6 +40,7 @@ from edgelm_protocol.errors import InvalidId, InvalidKey
 from edgelm_protocol.ids import check_device_id, check_fleet_id
 from edgelm_protocol.mqtt.broker_url import parse_broker_url
 from edgelm_protocol.mqtt.errors import InvalidBrokerUrl
+from edgelm_protocol.mqtt.settings import require_tls_unless_loopback
 from edgelm_protocol.repository.atomic_file import write_atomic
 from edgelm_protocol.signing import DirectorKeys
 
@@ -39,6 +50,10 @@ BUNDLE_FORMAT = "edgelm-enrollment/1"
 FLEET_DIR = "fleet"
 ENROLLMENT_FILE = "enrollment.json"
 ROOT_FILE = "root.json"
+TLS_DIR = "tls"
+TLS_CA_FILE = "ca.pem"
+TLS_CERT_FILE = "client.pem"
+TLS_KEY_FILE = "client-key.pem"
 _URL = re.compile(r"(https?|mqtts?)://[^\s/]+.*")
 
 
@@ -63,6 +78,10 @@ class Enrollment:
     broker_username: str | None = None
     broker_password: str | None = field(default=None, repr=False)
     issued_at: int = 0
+    #: The fleet CA, this device's certificate and its key (PEM), from the bundle's ``tls``.
+    tls_ca: str | None = field(default=None, repr=False)
+    tls_cert: str | None = field(default=None, repr=False)
+    tls_key: str | None = field(default=None, repr=False)
 
     @classmethod
     def from_bundle(cls, data: Any) -> Enrollment:
@@ -93,11 +112,15 @@ class Enrollment:
             DirectorKeys.from_pem([k.encode() for k in keys])
         except (InvalidKey, ValueError) as exc:
             raise EnrollmentError(f"bundle: a director key is not usable: {exc}") from exc
+        tls_ca, tls_cert, tls_key = _tls(data.get("tls"), device_id)
+        broker_url = _broker_url(broker)
+        if tls_ca is not None:
+            _refuse_plain_remote(broker_url)
         return cls(
             fleet=fleet,
             device_id=device_id,
             hardware_class=_text(data, "hardware_class"),
-            broker_url=_broker_url(broker),
+            broker_url=broker_url,
             control_url=_url(data, "control_url", "control_url"),
             repository_url=_url(data, "repository_url", "repository_url"),
             director_keys=tuple(keys),
@@ -105,10 +128,18 @@ class Enrollment:
             broker_username=_optional_text(broker, "username", "broker.username"),
             broker_password=_optional_text(broker, "password", "broker.password"),
             issued_at=int(data.get("issued_at") or 0),
+            tls_ca=tls_ca,
+            tls_cert=tls_cert,
+            tls_key=tls_key,
         )
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        tls = (
+            {}
+            if self.tls_ca is None
+            else {"tls": {"ca": self.tls_ca, "cert": self.tls_cert, "key": self.tls_key}}
+        )
+        return tls | {
             "format": BUNDLE_FORMAT,
             "fleet": self.fleet,
             "device_id": self.device_id,
@@ -127,6 +158,50 @@ class Enrollment:
 
     def director(self) -> DirectorKeys:
         return DirectorKeys.from_pem([k.encode() for k in self.director_keys])
+
+
+def _tls(value: Any, device_id: str) -> tuple[str | None, str | None, str | None]:
+    """The bundle's optional ``tls``: CA, certificate and key, each checked, or all None."""
+    if value is None:
+        return None, None, None
+    if not isinstance(value, dict) or not all(
+        isinstance(value.get(k), str) for k in ("ca", "cert", "key")
+    ):
+        raise EnrollmentError("bundle: 'tls' must be an object with PEM 'ca', 'cert' and 'key'")
+    try:
+        ca = x509.load_pem_x509_certificate(value["ca"].encode())
+        cert = x509.load_pem_x509_certificate(value["cert"].encode())
+        key = serialization.load_pem_private_key(value["key"].encode(), password=None)
+    except ValueError as exc:
+        raise EnrollmentError(f"bundle: 'tls' holds a malformed PEM: {exc}") from exc
+    names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    if [n.value for n in names] != [device_id]:
+        raise EnrollmentError(
+            f"bundle: the certificate in 'tls' is not {device_id!r}'s (its CN is "
+            f"{', '.join(str(n.value) for n in names) or 'missing'})"
+        )
+    if cert.issuer != ca.subject:
+        raise EnrollmentError("bundle: the certificate in 'tls' is not issued by its 'ca'")
+    public = serialization.PublicFormat.SubjectPublicKeyInfo
+    der = serialization.Encoding.DER
+    if key.public_key().public_bytes(der, public) != cert.public_key().public_bytes(der, public):
+        raise EnrollmentError("bundle: the key in 'tls' does not belong to its certificate")
+    return value["ca"], value["cert"], value["key"]
+
+
+def _refuse_plain_remote(broker_url: str) -> None:
+    try:
+        broker = parse_broker_url(broker_url)
+        if not broker.tls:
+            require_tls_unless_loopback(broker.host, what="'broker.url'")
+    except ValueError as exc:
+        raise EnrollmentError(f"bundle: {exc}") from exc
+
+
+def tls_files(state_dir: Path) -> tuple[Path, Path, Path]:
+    """Where the enrollment's CA, certificate and key are: ``<state_dir>/fleet/tls/``."""
+    folder = fleet_dir(state_dir) / TLS_DIR
+    return folder / TLS_CA_FILE, folder / TLS_CERT_FILE, folder / TLS_KEY_FILE
 
 
 def _text(data: dict[str, Any], key: str) -> str:
@@ -206,6 +281,17 @@ def write_enrollment(state_dir: Path, enrollment: Enrollment, root_bytes: bytes)
     folder = fleet_dir(state_dir)
     folder.mkdir(mode=0o700, parents=True, exist_ok=True)
     write_atomic(folder / ROOT_FILE, root_bytes, mode=0o640)
+    if enrollment.tls_ca is not None:
+        tls_dir = folder / TLS_DIR
+        tls_dir.mkdir(mode=0o700, exist_ok=True)
+        tls_dir.chmod(0o700)
+        ca, cert, key = tls_files(state_dir)
+        for path, pem in (
+            (ca, enrollment.tls_ca),
+            (cert, enrollment.tls_cert),
+            (key, enrollment.tls_key),
+        ):
+            write_atomic(path, (pem or "").encode(), mode=0o600)
     write_atomic(
         folder / ENROLLMENT_FILE, json.dumps(enrollment.to_json(), indent=2).encode(), mode=0o600
     )

@@ -31,6 +31,7 @@ from edgelm_protocol import InvalidId, check_fleet_id
 from edgelm_protocol.ids import check_share_group
 from edgelm_protocol.mqtt.broker_url import BrokerUrl
 from edgelm_protocol.mqtt.broker_url import parse_broker_url as _parse_broker_url
+from edgelm_protocol.mqtt.settings import require_tls_unless_loopback
 
 LogFormat = Literal["auto", "json", "console"]
 
@@ -79,6 +80,13 @@ class ControlConfig:
     #: ``shared_group``, and the broker's own settings replace ``mqtt_session_expiry_s`` and
     #: ``mqtt_receive_maximum``).
     broker: BrokerAddress = field(default_factory=lambda: BrokerAddress("127.0.0.1"))
+    #: The fleet CA (PEM) the broker's certificate must chain to, for ``mqtts://``. ``None``:
+    #: the system's trust store. Set, it also forbids plain ``mqtt://`` to a non-loopback host.
+    broker_ca: Path | None = None
+    #: The control plane's client certificate and key (PEM) for mutual TLS: the identity
+    #: ``control`` that ``edgelm provision fleet-init`` issues (control/tls/).
+    broker_cert: Path | None = None
+    broker_key: Path | None = None
     #: The fleet's TUF repository (``metadata/``, ``targets/``); default ``{data_dir}/repository``.
     repository_dir: Path = Path()
     #: Online keys: ``snapshot-N.pem``, ``timestamp-N.pem``, ``director.pem``.
@@ -309,6 +317,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("data_dir", "data_dir", _path, is_path=True),
     Setting("db", "db", _text),  # resolved once data_dir is known
     Setting("broker", "broker_url", parse_broker_url),
+    Setting("broker_ca", "broker_ca", _path, is_path=True),
+    Setting("broker_cert", "broker_cert", _path, is_path=True),
+    Setting("broker_key", "broker_key", _path, is_path=True),
     Setting("repository_dir", "repository_dir", _path, is_path=True),
     Setting("keys_dir", "keys_dir", _path, is_path=True),
     Setting("tokens_file", "tokens_file", _path, is_path=True),
@@ -398,11 +409,23 @@ def resolve_config(
             f"shared_group {values['shared_group']!r} needs MQTT 5 (shared subscriptions), but "
             f"broker_url asks for ?protocol=3.1.1: drop one of them"
         )
+    _check_broker_tls(values)
     if values.get("desired_resign_before_s", 2 * DAY_S) >= values.get(
         "desired_expiry_s", 7 * DAY_S
     ):
         raise ConfigError("desired_resign_before_s must be below desired_expiry_s")
     return dataclasses.replace(ControlConfig(), **values)
+
+
+def _check_broker_tls(values: Mapping[str, Any]) -> None:
+    if (values.get("broker_cert") is None) != (values.get("broker_key") is None):
+        raise ConfigError("broker_cert and broker_key go together: give both or neither")
+    broker = values.get("broker")
+    if values.get("broker_ca") is not None and broker is not None and not broker.tls:
+        try:
+            require_tls_unless_loopback(broker.host, what="broker_url")
+        except ValueError as exc:
+            raise ConfigError(f"{exc} (broker_ca is set)") from exc
 
 
 def load_config(config_file: Path | None, flags: Mapping[str, Any]) -> ControlConfig:

@@ -9,7 +9,11 @@
      "control_url": "http://cp.example:8480",
      "repository_url": "http://cp.example:8480/repository",
      "root": {...the fleet's root.json...}, "director_keys": ["-----BEGIN PUBLIC KEY-----\\n..."],
+     "tls": {"ca": "<fleet CA PEM>", "cert": "<device certificate PEM>", "key": "<its key PEM>"},
      "issued_at": 1795344276}
+
+``tls`` is there when the fleet has a CA (:mod:`edgelm_provisioning.fleet_ca`); a bundle
+without it (made before, or for a fleet without a CA) stays valid.
 
 and one inventory record ``DIR/devices/ID.json``: id, hardware class, labels, times. The
 bundle is written 0600 (it holds the broker password); the record holds no secret, so the
@@ -33,6 +37,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
@@ -40,6 +45,13 @@ from edgelm_protocol.errors import InvalidId
 from edgelm_protocol.ids import ID_PATTERN, check_device_id
 from edgelm_protocol.repository.atomic_file import write_atomic
 from edgelm_provisioning.errors import AlreadyIssued, InvalidValue, NotIssued
+from edgelm_provisioning.fleet_ca import (
+    DEFAULT_CLIENT_DAYS,
+    FleetCa,
+    ca_exists,
+    check_days,
+    issue_device_identity,
+)
 from edgelm_provisioning.fleet_dir import FleetDir
 
 BUNDLE_FORMAT = "edgelm-enrollment/1"
@@ -186,10 +198,11 @@ def build_bundle(
     password: str,
     root: dict[str, Any],
     director_keys: list[str],
+    tls: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """The bundle's JSON object, field by field as docs/fleet.md documents it."""
     config = fleet.config
-    return {
+    bundle = {
         "format": BUNDLE_FORMAT,
         "fleet": config.fleet,
         "device_id": record.id,
@@ -202,6 +215,9 @@ def build_bundle(
         "director_keys": director_keys,
         "issued_at": record.issued_at,
     }
+    if tls is not None:
+        bundle["tls"] = tls
+    return bundle
 
 
 def _case_clash(fleet: FleetDir, device_id: str) -> str | None:
@@ -235,15 +251,18 @@ def issue_device(
     out: Path,
     reissue: bool,
     now: int,
+    cert_days: int = DEFAULT_CLIENT_DAYS,
 ) -> IssuedDevice:
     """Issue (or, with ``reissue``, replace) a device's identity and write its bundle.
 
     A reissue makes a new broker password (the old bundle stops working once the broker's
     password file is regenerated) and keeps the device's class and labels unless new ones
     are given. ``out`` is never overwritten, except by a reissue over that same device's
-    previous bundle.
+    previous bundle. When the fleet has a CA the bundle carries a new key and certificate
+    (CN = ``device_id``, valid ``cert_days``); a reissue revokes the device's earlier ones.
     """
     device_id = checked_device_id(device_id)
+    check_days(cert_days)
     if hardware_class is not None:
         checked_hardware_class(hardware_class)
     if labels is not None:
@@ -296,13 +315,19 @@ def issue_device(
         )
     root = json.loads(fleet.require(paths.root_json, "the fleet's root.json").read_bytes())
     director = director_public_pem(fleet.require(paths.director_key, "the director key"))
+    ca = FleetCa.load(paths.root) if ca_exists(paths) else None
+    tls = None if ca is None else issue_device_identity(ca, device_id, now=now, days=cert_days)
     bundle = build_bundle(
         fleet,
         record,
         password=secrets.token_urlsafe(PASSWORD_BYTES),
         root=root,
         director_keys=[director],
+        tls=tls,
     )
     write_atomic(out, (json.dumps(bundle, indent=2) + "\n").encode(), mode=0o600)
     write_atomic(record_path, (json.dumps(record.as_dict(), indent=2) + "\n").encode())
+    if ca is not None and tls is not None and previous is not None:
+        serial = x509.load_pem_x509_certificate(tls["cert"].encode()).serial_number
+        ca.revoke(device_id, now=now, keep=serial)
     return IssuedDevice(record, bundle, out, reissued=previous is not None)

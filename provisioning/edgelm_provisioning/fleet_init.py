@@ -12,7 +12,14 @@ control/keys/*.pem       the control-plane server    re-sign snapshot and timest
                                                      desired states (which listed model runs)
 control/tokens.json      the control-plane server    nothing: token hashes only
 root.json                every device (in bundles)   nothing: public trust anchor
+keys/fleet-ca.pem        stays (offline)             issue device, broker and control-plane
+                                                     certificates (mutual TLS on the broker)
+broker/server-key.pem    the broker                  be the broker to devices
+control/tls/client-*     the control-plane server    connect to the broker as ``control``
 =======================  ==========================  =========================================
+
+The CA (:mod:`edgelm_provisioning.fleet_ca`) is made with the rest; a fleet made before it
+existed gets one with ``edgelm provision ca-init``.
 
 So whoever owns the control plane can choose among models the operator signed and hold back
 updates, but cannot make a device run a model the targets key did not sign; whoever owns the
@@ -29,6 +36,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -39,6 +47,7 @@ from tuf.api.metadata import Root, Snapshot, Targets, Timestamp
 from edgelm_protocol.repository.atomic_file import fsync_dir, write_atomic
 from edgelm_protocol.repository.writer import RepositoryWriter, generate_key
 from edgelm_provisioning.errors import FleetDirError, InvalidValue
+from edgelm_provisioning.fleet_ca import create_ca
 from edgelm_provisioning.fleet_dir import FleetConfig, FleetPaths, listen_address
 from edgelm_provisioning.tokens import OPERATOR, TokenFile
 from edgelm_provisioning.toml_file import dump_toml
@@ -54,6 +63,7 @@ class Destination(StrEnum):
     STAYS = "stays"  # on the operator's machine, never copied anywhere
     SERVER = "server"  # copied to the control-plane server (with control/)
     DEVICES = "devices"  # goes to devices, inside their enrollment bundles
+    BROKER = "broker"  # goes to the MQTT broker (edgelm provision broker-config)
 
 
 @dataclass(frozen=True)
@@ -115,6 +125,31 @@ _FILES = (
         "control/keys/director.pem", "director key (signs desired states)", Destination.SERVER, True
     ),
 )
+CA_FILES = (
+    CreatedFile(
+        "keys/fleet-ca.pem", "fleet CA key (issues TLS identities)", Destination.STAYS, True
+    ),
+    CreatedFile(
+        "tls/issued.json", "every certificate issued, and revocations", Destination.STAYS, False
+    ),
+    CreatedFile("tls/ca.pem", "fleet CA certificate (trust anchor)", Destination.DEVICES, False),
+    CreatedFile("tls/crl.pem", "certificate revocation list", Destination.BROKER, False),
+    CreatedFile("broker/server.pem", "the broker's TLS certificate", Destination.BROKER, False),
+    CreatedFile("broker/server-key.pem", "the broker's TLS key", Destination.BROKER, True),
+    CreatedFile(
+        "control/tls/client.pem",
+        "control plane's broker identity (CN control)",
+        Destination.SERVER,
+        False,
+    ),
+    CreatedFile(
+        "control/tls/client-key.pem",
+        "control plane's broker identity key",
+        Destination.SERVER,
+        True,
+    ),
+    CreatedFile("control/tls/ca.pem", "fleet CA certificate", Destination.SERVER, False),
+)
 
 
 def default_fleet_name(root: Path) -> str:
@@ -129,8 +164,11 @@ def init_fleet(
     control_url: str,
     broker_url: str,
     now: int,
+    sans: Iterable[str] | None = None,
 ) -> FleetInitResult:
     """Create a complete fleet directory at ``root``, or raise and leave nothing behind."""
+    if isinstance(sans, str):
+        raise TypeError("sans is a list of names, not one string")
     name = fleet if fleet is not None else default_fleet_name(root)
     try:
         config = FleetConfig(fleet=name, control_url=control_url, broker_url=broker_url)
@@ -148,6 +186,7 @@ def init_fleet(
     staging = Path(tempfile.mkdtemp(prefix=f".{root.name}.fleet-init-", dir=parent))
     try:
         _build(FleetPaths(staging), config, now)
+        create_ca(staging, config, now=now, sans=sans)
         try:
             os.rename(staging, root)  # replaces an empty directory, never a non-empty one
         except OSError as exc:
@@ -162,7 +201,7 @@ def init_fleet(
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    return FleetInitResult(root, config, _FILES)
+    return FleetInitResult(root, config, _FILES + CA_FILES)
 
 
 def _refuse_taken(root: Path) -> None:
@@ -212,6 +251,14 @@ def _build(paths: FleetPaths, config: FleetConfig, now: int) -> None:
     write_atomic(paths.fleet_toml, config.to_toml().encode(), mode=PUBLIC_FILE)
 
 
+TLS_TOML_KEYS = {
+    "broker_ca": "tls/ca.pem",
+    "broker_cert": "tls/client.pem",
+    "broker_key": "tls/client-key.pem",
+}
+_TLS_COMMENT = "mutual TLS with the broker (mqtts://): the fleet CA and the identity `control`"
+
+
 def control_toml(config: FleetConfig) -> str:
     """The control plane's configuration; its paths are relative to the file's folder."""
     listen = listen_address(config.control_url)
@@ -225,6 +272,7 @@ def control_toml(config: FleetConfig) -> str:
             "repository_dir": "repository",
             "keys_dir": "keys",
             "tokens_file": "tokens.json",
+            **TLS_TOML_KEYS,
         },
         comments={
             "fleet": "written by `edgelm provision fleet-init`; relative paths are relative "
@@ -234,5 +282,22 @@ def control_toml(config: FleetConfig) -> str:
             "public_url": "how devices reach this server; the repository is public_url + "
             "/repository",
             "db": "or postgresql://user@host/db",
+            "broker_ca": _TLS_COMMENT,
         },
     )
+
+
+def add_ca(root: Path, config: FleetConfig, *, now: int, sans: list[str] | None) -> FleetInitResult:
+    """``ca-init``: give a fleet made before the CA existed its CA, broker and control identities.
+
+    control.toml gets the three ``broker_*`` keys appended (if it holds none of them already).
+    """
+    create_ca(root, config, now=now, sans=sans)
+    paths = FleetPaths(root)
+    if paths.control_toml.exists():
+        text = paths.control_toml.read_text()
+        if not any(line.startswith(tuple(TLS_TOML_KEYS)) for line in text.splitlines()):
+            extra = dump_toml(dict(TLS_TOML_KEYS), comments={"broker_ca": _TLS_COMMENT})
+            sep = "" if text.endswith("\n") else "\n"
+            write_atomic(paths.control_toml, (text + sep + extra).encode(), mode=PRIVATE_FILE)
+    return FleetInitResult(root, config, CA_FILES)

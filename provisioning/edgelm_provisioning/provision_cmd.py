@@ -16,9 +16,11 @@ from rich.table import Table
 
 from edgelm_cli.groups import SuggestingGroup
 from edgelm_protocol.repository.atomic_file import write_atomic
+from edgelm_provisioning.broker_config import copy_crl, write_broker_config
 from edgelm_provisioning.enrollment import HARDWARE_CLASSES, issue_device, labels_from_cli
+from edgelm_provisioning.fleet_ca import DEFAULT_CLIENT_DAYS, revoke_device
 from edgelm_provisioning.fleet_dir import DEFAULT_BROKER_URL, DEFAULT_CONTROL_URL, FleetDir
-from edgelm_provisioning.fleet_init import Destination, FleetInitResult, init_fleet
+from edgelm_provisioning.fleet_init import Destination, FleetInitResult, add_ca, init_fleet
 from edgelm_provisioning.operator_cli import emit, err_console, json_option, out_console, translated
 from edgelm_provisioning.tokens import OPERATOR, TokenFile
 
@@ -33,7 +35,16 @@ _HEADINGS = {
     "anywhere else):",
     Destination.SERVER: "copy to the control-plane server, as it is (DIR/control/):",
     Destination.DEVICES: "goes to devices, inside their enrollment bundles:",
+    Destination.BROKER: "goes to the MQTT broker (edgelm provision broker-config gathers it):",
 }
+_SAN = click.option(
+    "--san",
+    "sans",
+    multiple=True,
+    metavar="NAME|IP",
+    help="A name or address of the broker for its TLS certificate (repeatable). "
+    "[default: localhost, 127.0.0.1 and the broker URL's host]",
+)
 
 
 @click.group(cls=SuggestingGroup)
@@ -56,12 +67,19 @@ def provision() -> None:
     show_default=True,
     help="The MQTT broker devices connect to.",
 )
+@_SAN
 @json_option
 @translated
 def fleet_init_cmd(
-    directory: Path, fleet: str | None, control_url: str, broker_url: str, as_json: bool
+    directory: Path,
+    fleet: str | None,
+    control_url: str,
+    broker_url: str,
+    sans: tuple[str, ...],
+    as_json: bool,
 ) -> None:
-    """Create a new fleet in DIR: keys, TUF repository, control-plane config, operator token.
+    """Create a new fleet in DIR: keys, TUF repository, fleet CA (broker and control-plane
+    TLS identities), control-plane config, operator token.
 
     DIR must not exist yet, or be empty: keys are never generated over an existing fleet.
     """
@@ -71,13 +89,33 @@ def fleet_init_cmd(
         control_url=control_url,
         broker_url=broker_url,
         now=int(time.time()),
+        sans=list(sans) if sans else None,
+    )
+    emit(result.as_dict(), as_json=as_json, human=lambda: _show_fleet(result))
+
+
+@provision.command("ca-init")
+@_FLEET_DIR
+@_SAN
+@json_option
+@translated
+def ca_init_cmd(fleet_dir: Path, sans: tuple[str, ...], as_json: bool) -> None:
+    """Give a fleet made before the fleet CA existed its CA, broker certificate and the
+    control plane's broker identity (fleet-init does this for new fleets).
+
+    Adds broker_ca, broker_cert and broker_key to control/control.toml. Devices issued before
+    have no certificate: reissue them (`edgelm provision device ID --reissue`).
+    """
+    fleet = FleetDir.open(fleet_dir)
+    result = add_ca(
+        fleet.paths.root, fleet.config, now=int(time.time()), sans=list(sans) if sans else None
     )
     emit(result.as_dict(), as_json=as_json, human=lambda: _show_fleet(result))
 
 
 def _show_fleet(result: FleetInitResult) -> None:
     where = result.root
-    err_console.print(f"created fleet [bold]{result.config.fleet}[/] in {where}")
+    err_console.print(f"fleet [bold]{result.config.fleet}[/] in {where}")
     err_console.print(f"  control plane {result.config.control_url}")
     err_console.print(f"  broker        {result.config.broker_url}")
     for destination, heading in _HEADINGS.items():
@@ -124,7 +162,15 @@ def _show_fleet(result: FleetInitResult) -> None:
 @click.option(
     "--reissue",
     is_flag=True,
-    help="Issue an id again: a new bundle with new broker credentials.",
+    help="Issue an id again: a new bundle with new broker credentials (and a new "
+    "certificate; the earlier ones are revoked).",
+)
+@click.option(
+    "--cert-days",
+    type=click.IntRange(1, 3650),
+    default=DEFAULT_CLIENT_DAYS,
+    show_default=True,
+    help="How long the device's TLS certificate is valid.",
 )
 @json_option
 @translated
@@ -135,6 +181,7 @@ def device_cmd(
     labels: tuple[str, ...],
     out: Path,
     reissue: bool,
+    cert_days: int,
     as_json: bool,
 ) -> None:
     """Issue device ID: write its enrollment bundle (with its broker credentials) to --out.
@@ -151,6 +198,7 @@ def device_cmd(
         out=out,
         reissue=reissue,
         now=int(time.time()),
+        cert_days=cert_days,
     )
 
     def human() -> None:
@@ -169,6 +217,96 @@ def device_cmd(
         err_console.print(f"  on the device: edgelm agent enroll {out.name} --state-dir DIR")
 
     emit(issued.as_dict(), as_json=as_json, human=human)
+
+
+@provision.command("broker-config")
+@_FLEET_DIR
+@click.option(
+    "--out",
+    required=True,
+    type=click.Path(path_type=Path, file_okay=False),
+    help="The folder to write mosquitto.conf, acl, certificates, crl.pem, emqx-acl.conf into.",
+)
+@click.option(
+    "--port",
+    type=click.IntRange(1, 65535),
+    help="The TLS listener's port. [default: the mqtts:// broker URL's port, else 8883]",
+)
+@click.option("--bind", metavar="ADDRESS", help="Listen on this address only. [default: all]")
+@click.option(
+    "--install-dir",
+    type=click.Path(path_type=Path, file_okay=False),
+    help="Where the folder will be on the broker host (the paths in mosquitto.conf). "
+    "[default: --out]",
+)
+@click.option("--force", is_flag=True, help="Rewrite a configuration written before.")
+@json_option
+@translated
+def broker_config_cmd(
+    fleet_dir: Path,
+    out: Path,
+    port: int | None,
+    bind: str | None,
+    install_dir: Path | None,
+    force: bool,
+    as_json: bool,
+) -> None:
+    """Write a Mosquitto configuration for the fleet: a TLS listener that requires a
+    certificate from the fleet CA, per-device ACL patterns, the CRL, persistence; and the same
+    ACL as EMQX rules (emqx-acl.conf)."""
+    fleet = FleetDir.open(fleet_dir)
+    written = write_broker_config(
+        fleet,
+        out,
+        port=port,
+        bind=bind,
+        install_dir=install_dir,
+        now=int(time.time()),
+        force=force,
+    )
+
+    def human() -> None:
+        err_console.print(
+            f"wrote a Mosquitto configuration for fleet {fleet.config.fleet} to {out}"
+        )
+        err_console.print(f"  TLS listener on port {written.port}; server-key.pem is secret")
+        err_console.print(f"  run: mosquitto -c {(install_dir or out).absolute()}/mosquitto.conf")
+
+    emit(written.as_dict(), as_json=as_json, human=human)
+
+
+@provision.command("revoke")
+@click.argument("device_id", metavar="ID")
+@_FLEET_DIR
+@click.option(
+    "--broker-dir",
+    type=click.Path(path_type=Path, file_okay=False, exists=True),
+    help="Also write the new CRL into this folder made by `broker-config`.",
+)
+@json_option
+@translated
+def revoke_cmd(device_id: str, fleet_dir: Path, broker_dir: Path | None, as_json: bool) -> None:
+    """Revoke device ID's certificates: add them to the fleet's CRL (DIR/tls/crl.pem).
+
+    Copy the CRL to the broker (or give --broker-dir) and send Mosquitto SIGHUP: from then on
+    the broker refuses the device's TLS handshake.
+    """
+    fleet = FleetDir.open(fleet_dir)
+    serials, crl = revoke_device(fleet.paths.root, device_id, now=int(time.time()))
+    copied = copy_crl(crl, broker_dir) if broker_dir is not None else None
+    data = {
+        "device": device_id,
+        "revoked_serials": serials,
+        "crl": str(crl),
+        "broker_crl": None if copied is None else str(copied),
+    }
+
+    def human() -> None:
+        err_console.print(f"revoked {len(serials)} certificate(s) of [bold]{device_id}[/]")
+        err_console.print(f"  CRL {copied or crl}")
+        err_console.print("  then reload the broker: kill -HUP <mosquitto pid>")
+
+    emit(data, as_json=as_json, human=human)
 
 
 @provision.group("token", cls=SuggestingGroup)

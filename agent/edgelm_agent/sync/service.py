@@ -32,8 +32,8 @@ import structlog
 
 from edgelm_agent import __version__
 from edgelm_agent.config import AgentConfig
-from edgelm_agent.enrollment import Enrollment
-from edgelm_agent.errors import EdgelmError, ModelNotFound
+from edgelm_agent.enrollment import Enrollment, tls_files
+from edgelm_agent.errors import ConfigError, EdgelmError, ModelNotFound
 from edgelm_agent.jobs import store
 from edgelm_agent.jobs.database import Database
 from edgelm_agent.jobs.outbox import MessageKind, Outbox
@@ -76,6 +76,7 @@ from edgelm_protocol.mqtt import (
     ReconnectBackoff,
     parse_broker_url,
 )
+from edgelm_protocol.mqtt.settings import client_tls_context, require_tls_unless_loopback
 from edgelm_protocol.topics import Channel
 
 log = structlog.get_logger(__name__)
@@ -92,16 +93,32 @@ def mqtt_settings(config: AgentConfig, enrollment: Enrollment) -> MqttSettings:
     The broker URL is parsed by the protocol package, as the control plane parses its own
     (``?protocol=3.1.1`` selects MQTT 3.1.1); a bad one raises ``InvalidBrokerUrl`` (a
     ValueError) naming the problem. The bundle's per-device credentials win over any in the
-    URL.
+    URL. With the bundle's ``tls`` (a fleet CA), ``mqtts://`` is mutual TLS against that CA
+    alone, and plain ``mqtt://`` is refused (``ValueError``) unless the broker is loopback.
     """
     broker = parse_broker_url(enrollment.broker_url)
     from_bundle = enrollment.broker_username is not None
-    # mqtts: the system's trust store for now; a fleet CA and client certificates (mutual
-    # TLS) replace it when provisioning issues them.
+    tls = None
+    if enrollment.tls_ca is not None:
+        # The fleet's CA is the only trust anchor and the bundle's certificate the identity
+        # (mutual TLS); without TLS, the broker must be on this machine.
+        if broker.tls:
+            ca, cert, key = tls_files(config.state_dir)
+            try:
+                tls = client_tls_context(str(ca), str(cert), str(key))
+            except (OSError, ssl.SSLError) as exc:
+                raise ConfigError(
+                    f"cannot load the fleet TLS identity from {ca.parent}: {exc}; "
+                    "enroll the device again (edgelm agent enroll BUNDLE)"
+                ) from exc
+        else:
+            require_tls_unless_loopback(broker.host, what="the enrollment's broker URL")
+    elif broker.tls:  # a bundle without a CA: the system's trust store
+        tls = client_tls_context(None)
     return MqttSettings(
         host=broker.host,
         port=broker.port,
-        tls=ssl.create_default_context() if broker.tls else None,
+        tls=tls,
         client_id=enrollment.device_id,
         username=enrollment.broker_username if from_bundle else broker.username,
         password=enrollment.broker_password if from_bundle else broker.password,

@@ -18,8 +18,8 @@ replaced), so the director publishes every current desired state again.
 from __future__ import annotations
 
 import asyncio
-import ssl
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 import structlog
 
@@ -34,6 +34,7 @@ from edgelm_protocol.mqtt import (
     MqttClient,
     MqttSettings,
 )
+from edgelm_protocol.mqtt.settings import client_tls_context
 
 log = structlog.get_logger(__name__)
 
@@ -49,9 +50,20 @@ def mqtt_settings(
     receive_maximum: int,
     session_expiry_s: int,
     reconnect_max_s: float = 30.0,
+    ca_file: Path | None = None,
+    cert_file: Path | None = None,
+    key_file: Path | None = None,
 ) -> MqttSettings:
     """The control plane's session; with ``?protocol=3.1.1`` on the broker URL, MQTT 3.1.1,
-    where the broker's own settings replace ``session_expiry_s`` and ``receive_maximum``."""
+    where the broker's own settings replace ``session_expiry_s`` and ``receive_maximum``.
+
+    ``mqtts://`` verifies the broker against ``ca_file`` (the fleet CA; without it the system's
+    trust store) and presents ``cert_file``/``key_file`` (the ``control`` identity)."""
+    tls = None
+    if broker.tls:
+        tls = client_tls_context(
+            _text(ca_file), _text(cert_file), _text(key_file) if cert_file else None
+        )
     return MqttSettings(
         host=broker.host,
         port=broker.port,
@@ -59,13 +71,17 @@ def mqtt_settings(
         username=broker.username,
         password=broker.password,
         protocol_version=broker.protocol_version,
-        tls=ssl.create_default_context() if broker.tls else None,
+        tls=tls,
         clean_start=False,
         session_expiry_s=session_expiry_s,
         receive_maximum=min(receive_maximum, 65_535),
         manual_ack=True,
         reconnect_max_s=reconnect_max_s,
     )
+
+
+def _text(path: Path | None) -> str | None:
+    return None if path is None else str(path)
 
 
 class FleetLink:

@@ -7,6 +7,7 @@ reconnections after a broker restart.
 
 from __future__ import annotations
 
+import ipaddress
 import ssl
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -155,6 +156,42 @@ class MqttSettings:
             self.username,
             "set when a password is set",
         )
+
+
+def is_loopback(host: str) -> bool:
+    """``localhost`` or a loopback address (127.0.0.0/8, ::1): traffic that never leaves."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def require_tls_unless_loopback(host: str, *, what: str = "the broker URL") -> None:
+    """Raise ``ValueError`` for plain MQTT to a host that is not loopback.
+
+    A fleet with a CA has no TLS-off switch: ``mqtt://`` is accepted only when the broker is
+    on the same machine (a demo, or a local bridge).
+    """
+    if not is_loopback(host):
+        raise ValueError(
+            f"{what} is mqtt:// (plain TCP) to {host}, which is not a loopback address; "
+            "the fleet has a CA, so use mqtts:// (TLS with the fleet's certificates)"
+        )
+
+
+def client_tls_context(
+    ca_file: str | None, cert_file: str | None = None, key_file: str | None = None
+) -> ssl.SSLContext:
+    """A client context that verifies the broker against ``ca_file`` (the fleet CA; ``None``:
+    the system's trust store) and, with ``cert_file`` and ``key_file``, presents that client
+    certificate (mutual TLS). The broker's name is checked against its certificate."""
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=ca_file)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    if cert_file is not None:
+        context.load_cert_chain(cert_file, key_file)
+    return context
 
 
 def _check(ok: bool, name: str, value: object, expected: str) -> None:

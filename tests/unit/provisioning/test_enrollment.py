@@ -25,7 +25,7 @@ from edgelm_provisioning.fleet_init import init_fleet
 NOW = 1_795_344_276
 BUNDLE_KEYS = {
     "format", "fleet", "device_id", "hardware_class", "labels", "broker", "control_url",
-    "repository_url", "root", "director_keys", "issued_at",
+    "repository_url", "root", "director_keys", "issued_at", "tls",
 }  # fmt: skip
 
 #: Ids of the CVE-2017-7650 class (a client id or user name that escapes its ACL pattern)
@@ -90,6 +90,7 @@ class TestBundle:
         assert bundle["repository_url"] == "http://cp.example:8480/repository"
         assert bundle["root"] == json.loads(fleet.paths.root_json.read_bytes())
         assert bundle["issued_at"] == NOW
+        assert set(bundle["tls"]) == {"ca", "cert", "key"}  # the fleet has a CA
 
     def test_the_director_key_is_the_control_planes(self, fleet, tmp_path):
         """director_keys holds the PEM public key of control/keys/director.pem, and it loads."""

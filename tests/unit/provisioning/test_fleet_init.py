@@ -39,6 +39,19 @@ LAYOUT = {
     "control/repository/metadata/1.snapshot.json",
     "control/repository/metadata/timestamp.json",
     "control/repository/targets/",
+    # the fleet CA (edgelm_provisioning.fleet_ca)
+    "keys/fleet-ca.pem",
+    "tls/",
+    "tls/ca.pem",
+    "tls/crl.pem",
+    "tls/issued.json",
+    "broker/",
+    "broker/server.pem",
+    "broker/server-key.pem",
+    "control/tls/",
+    "control/tls/ca.pem",
+    "control/tls/client.pem",
+    "control/tls/client-key.pem",
 }
 
 
@@ -94,7 +107,9 @@ class TestLayout:
         """No key under control/ (the folder copied to the server) is a root or targets key."""
         root = Metadata[Root].from_bytes((fleet / "root.json").read_bytes()).signed
         offline = set(root.roles["root"].keyids) | set(root.roles["targets"].keyids)
-        control_keys = {load_key(p).public_key.keyid for p in (fleet / "control").rglob("*.pem")}
+        control_keys = {
+            load_key(p).public_key.keyid for p in (fleet / "control/keys").glob("*.pem")
+        }
         assert control_keys
         assert not control_keys & offline
 
@@ -125,8 +140,11 @@ class TestLayout:
             "repository_dir": "repository",
             "keys_dir": "keys",
             "tokens_file": "tokens.json",
+            "broker_ca": "tls/ca.pem",
+            "broker_cert": "tls/client.pem",
+            "broker_key": "tls/client-key.pem",
         }
-        for key in ("repository_dir", "keys_dir", "tokens_file"):
+        for key in ("repository_dir", "keys_dir", "tokens_file", "broker_ca", "broker_cert"):
             assert (fleet / "control" / config[key]).exists()
 
     def test_fleet_toml_has_the_fleet_and_its_urls(self, fleet):
