@@ -75,11 +75,13 @@ def free_port() -> int:
 class ServerProcess:
     """One server subprocess with its log file; :meth:`stop` is safe to call at any time."""
 
-    def __init__(self, name: str, args: list[str], log_path: Path) -> None:
+    def __init__(
+        self, name: str, args: list[str], log_path: Path, env: dict[str, str] | None = None
+    ) -> None:
         self.name = name
         self.log_path = log_path
         self._log = open(log_path, "wb")  # noqa: SIM115  # closed in stop()
-        env = {k: v for k, v in os.environ.items() if not k.startswith("EDGELM_")}
+        env = {k: v for k, v in os.environ.items() if not k.startswith("EDGELM_")} | (env or {})
         # Its own session: a Ctrl-C in the terminal reaches only us, and we stop it in order.
         self.proc = subprocess.Popen(
             args,
@@ -139,7 +141,13 @@ class AgentProcess(ServerProcess):
             "--log-format",
             "json",
         ]
-        super().__init__(name, args, workdir / "agent.log")
+        # The per-client rate limit and in-flight cap are off: one benchmark client is meant
+        # to push the server as hard as it goes.
+        limits_off = {
+            "EDGELM_HTTP_CLIENT_RATE_PER_S": "0",
+            "EDGELM_HTTP_CLIENT_MAX_CONCURRENT": "0",
+        }
+        super().__init__(name, args, workdir / "agent.log", limits_off)
 
 
 @contextlib.contextmanager

@@ -59,12 +59,26 @@ class AgentConfig:
     state_dir: Path = DEFAULT_STATE_DIR
     #: Unix socket of the local API, created with mode 0660.
     socket_path: Path = DEFAULT_SOCKET
+    #: Group that owns the Unix socket: its members may call every endpoint, admin ones
+    #: included. ``None``: ``edgelm`` if that group exists, else the agent's primary group.
+    socket_group: str | None = None
     #: Loopback HTTP listener; ``None`` disables it.
     http: HttpListen | None = field(
         default_factory=lambda: HttpListen("127.0.0.1", DEFAULT_HTTP_PORT)
     )
     #: Bearer token required on the HTTP listener. Mandatory to bind a non-loopback address.
     api_token: str | None = None
+    #: Bearer token for admin operations (registry changes) over HTTP. ``None``: they are
+    #: allowed over the Unix socket only. Must differ from ``api_token``.
+    admin_token: str | None = None
+    #: Per HTTP client (its bearer token, else its address): requests per second, refilled
+    #: continuously (0 turns the limit off) ...
+    http_client_rate_per_s: float = 20.0
+    #: ... up to this many at once after a quiet spell ...
+    http_client_burst: int = 40
+    #: ... and at most this many requests in flight (0: no cap). Past either, 429. Half of
+    #: max_queue: one client cannot fill the model's queue, and eight streams still fit.
+    http_client_max_concurrent: int = 8
     #: Browser origins allowed to call the HTTP API (e.g. ``http://localhost:3000``).
     allowed_origins: tuple[str, ...] = ()
     #: Model to serve: a GGUF file or an ONNX GenAI folder.
@@ -304,8 +318,13 @@ class Setting:
 SETTINGS: tuple[Setting, ...] = (
     Setting("state_dir", "state_dir", _path),
     Setting("socket_path", "socket", _path),
+    Setting("socket_group", "socket_group", _optional_str),
     Setting("http", "http", parse_http),
     Setting("api_token", "api_token", _optional_str),
+    Setting("admin_token", "admin_token", _optional_str),
+    Setting("http_client_rate_per_s", "http_client_rate_per_s", _non_negative_float),
+    Setting("http_client_burst", "http_client_burst", _positive_int),
+    Setting("http_client_max_concurrent", "http_client_max_concurrent", _non_negative_int),
     Setting("allowed_origins", "allowed_origins", _origins),
     Setting("model_path", "model", _optional_path),
     Setting("threads", "threads", _optional_positive_int),

@@ -42,7 +42,7 @@ from typing import Any
 import structlog
 from aiohttp import web
 
-from edgelm_agent.api.access import HttpAccessPolicy, check_bind_allowed
+from edgelm_agent.api.access import HttpAccessPolicy
 from edgelm_agent.api.app import create_app
 from edgelm_agent.api.connections import Listener, defer_unknown_expectations
 from edgelm_agent.api.context import ApiContext
@@ -146,12 +146,7 @@ class Daemon:
 
     async def _run(self, notifier: ServiceNotifier) -> None:
         config = self.config
-        policy = None
-        if config.http is not None:
-            check_bind_allowed(config.http, config.api_token)
-            policy = HttpAccessPolicy.for_listener(
-                config.http, config.api_token, config.allowed_origins
-            )
+        policy = HttpAccessPolicy.from_config(config)
         self.host.starting = True  # /readyz: "loading" until the model is up, or known absent
         soft_fds = raise_open_file_limit()
         try:
@@ -225,7 +220,7 @@ class Daemon:
             unix_cap, tcp_cap = connection_caps(
                 config.max_http_connections, soft_fds, http=http is not None
             )
-            unix_sock = bind_unix_socket(config.socket_path)
+            unix_sock = bind_unix_socket(config.socket_path, config.socket_group)
             socket_inode = os.stat(config.socket_path).st_ino
             listeners.append(self._listener(unix_sock, runner.server, "unix", unix_cap))
             if http is not None:

@@ -11,12 +11,14 @@
     │   ├── ContextOverflow        400: prompt + max_tokens beyond the context window
     │   ├── NotAuthorized          401: missing or wrong bearer token
     │   ├── ForbiddenHost          403: Host or Origin not allowed (DNS rebinding defence)
+    │   ├── AdminRequired          403: an admin operation over HTTP without the admin token
     │   ├── ModelNotFound          404: no such model
     │   ├── RequestTimeout         408: the body did not arrive in time
     │   ├── PayloadTooLarge        413: body over the size limit
     │   └── ExpectationFailed      417: an ``Expect`` header other than ``100-continue``
     ├── Overloaded             503/429: we cannot take the work now; carries ``retry_after_s``
     │   ├── QueueFull              429: the wait queue is full
+    │   ├── RateLimited            429: one HTTP client over its rate or its requests in flight
     │   └── NotReady               503: no model loaded yet, or shutting down
     └── BackendError           500: the runtime failed while generating
 
@@ -106,6 +108,12 @@ class ForbiddenHost(RequestError):
     code = "host_not_allowed"
 
 
+class AdminRequired(RequestError):
+    """An admin operation (a registry change) over HTTP without the admin token."""
+
+    code = "admin_required"
+
+
 class ModelNotFound(RequestError):
     code = "model_not_found"
 
@@ -148,6 +156,17 @@ class QueueFull(Overloaded):
 
 class NotReady(Overloaded):
     code = "not_ready"
+
+
+class RateLimited(Overloaded):
+    """One HTTP client sent requests faster than its rate (``rate_limited``), or has too many
+    in flight (``too_many_requests_in_flight``)."""
+
+    code = "rate_limited"
+
+    def __init__(self, message: str, *, retry_after_s: int, code: str = "rate_limited") -> None:
+        super().__init__(message, retry_after_s=retry_after_s)
+        self.code = code
 
 
 class BackendError(EdgelmError):

@@ -1,4 +1,4 @@
-"""Create the listening sockets: the Unix socket (mode 0660) and loopback TCP.
+"""Create the listening sockets: the Unix socket (mode 0660, group-owned) and loopback TCP.
 
 We bind the sockets ourselves and hand them to aiohttp, so the permissions are right from the
 first moment the socket exists and a stale socket left by a crash is dealt with explicitly.
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import grp
 import os
 import resource
 import socket
@@ -18,6 +19,7 @@ from edgelm_agent.config import HttpListen
 from edgelm_agent.errors import ConfigError
 
 SOCKET_MODE = 0o660
+DEFAULT_SOCKET_GROUP = "edgelm"
 MAX_SOCKET_PATH_BYTES = 107  # sun_path is 108 bytes including the terminating NUL
 
 
@@ -41,8 +43,27 @@ def lock_socket_path(path: Path) -> int:
     return fd
 
 
-def bind_unix_socket(path: Path) -> socket.socket:
-    """Bind ``path`` with mode 0660, replacing a stale socket but never a file.
+def socket_gid(group: str | None) -> int:
+    """The group that owns the socket. A configured ``group`` must exist. Unset: ``edgelm``
+    if it exists and this process may give a file to it (root, or a member), else the
+    process's own primary group (a developer's agent, or one run by hand)."""
+    if group is not None:
+        try:
+            return grp.getgrnam(group).gr_gid
+        except KeyError:
+            raise ConfigError(f"socket_group {group!r}: no such group") from None
+    try:
+        gid = grp.getgrnam(DEFAULT_SOCKET_GROUP).gr_gid
+    except KeyError:
+        return os.getegid()
+    if os.geteuid() == 0 or gid == os.getegid() or gid in os.getgroups():
+        return gid
+    return os.getegid()
+
+
+def bind_unix_socket(path: Path, group: str | None = None) -> socket.socket:
+    """Bind ``path`` with mode 0660 and group ``group`` (see :func:`socket_gid`), replacing a
+    stale socket but never a file.
 
     Call with :func:`lock_socket_path` held: then a socket file at ``path`` can only be a
     leftover of an agent that died, since a live one would hold the lock.
@@ -64,10 +85,11 @@ def bind_unix_socket(path: Path) -> socket.socket:
             raise ConfigError(f"{path} exists and is not a socket; refusing to replace it")
         path.unlink()  # stale: left behind by an agent that did not shut down cleanly
 
+    gid = socket_gid(group)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    # umask narrows the mode at bind time, so no other user can connect in the moment between
-    # bind() and chmod().
-    old_umask = os.umask(0o117)
+    # umask narrows the mode at bind time to 0600, so nobody else can connect in the moment
+    # before the group is right; only then does the group get its rights.
+    old_umask = os.umask(0o177)
     try:
         sock.bind(str(path))
     except OSError as exc:
@@ -75,6 +97,15 @@ def bind_unix_socket(path: Path) -> socket.socket:
         raise ConfigError(f"cannot bind Unix socket {path}: {exc.strerror}") from exc
     finally:
         os.umask(old_umask)
+    try:
+        if os.stat(path).st_gid != gid:
+            os.chown(path, -1, gid)
+    except OSError as exc:
+        sock.close()
+        raise ConfigError(
+            f"cannot give Unix socket {path} to group {group or gid}: {exc.strerror}; the agent "
+            "must run as root or as a member of socket_group"
+        ) from exc
     os.chmod(path, SOCKET_MODE)
     sock.listen(128)
     sock.setblocking(False)

@@ -248,8 +248,14 @@ class ModelManager:
             await asyncio.to_thread(self.registry.update, lambda s: s.claimed(rollout))
 
     async def _prepare(self, target: ModelTarget) -> tuple[ServingModel, HealthFigures]:
-        path: Path = await self._in_registry_thread(
-            lambda cancel: self.registry.verified_path(target, cancel=cancel), "verify"
+        path: Path
+        signers: tuple[str, ...]
+        path, signers = await self._in_registry_thread(
+            lambda cancel: (
+                self.registry.verified_path(target, cancel=cancel),
+                self.registry.targets_signers(),
+            ),
+            "verify",
         )
         self._crash_point("activation.verified")
         available = available_memory_bytes()
@@ -308,6 +314,8 @@ class ModelManager:
             version=target.version,
             chat_template=target.chat_template,
             default_max_tokens=self.default_max_tokens,
+            digest=target.sha256,
+            signers=signers,
         )
         log.info(
             "model_loaded",

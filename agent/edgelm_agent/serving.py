@@ -53,8 +53,15 @@ class ServingModel:
         version: str = "",
         chat_template: str | None = None,
         default_max_tokens: int = 512,
+        digest: str = "",
+        signers: tuple[str, ...] = (),
     ) -> None:
         self.backend = backend
+        #: Provenance, sent with every generation: the sha256 of the signed target that was
+        #: verified and loaded, and the keyids of the TUF targets keys that signed it. Empty
+        #: for a model served outside the registry (tests).
+        self.digest = digest
+        self.signers = signers
         self.default_max_tokens = default_max_tokens
         self.scheduler = scheduler
         self.context_length = context_length

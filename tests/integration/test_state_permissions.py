@@ -21,7 +21,10 @@ def modes(root: Path) -> dict[Path, int]:
     for folder, dirs, files in os.walk(root):
         for name in dirs + files:
             path = Path(folder) / name
-            st = path.lstat()
+            try:
+                st = path.lstat()
+            except FileNotFoundError:  # a temporary file the running agent just renamed
+                continue
             if not stat.S_ISLNK(st.st_mode):
                 found[path] = stat.S_IMODE(st.st_mode)
     return found

@@ -15,17 +15,50 @@ reachable by anything on the box, including a web page in the kiosk's browser, s
 
 A web app on a configured origin gets CORS headers, and its preflight (``OPTIONS``, which
 browsers send without credentials) is answered before the token check.
+
+**Admin operations** (:func:`needs_admin`: every registry change) are for the Unix socket's
+group. Over HTTP they need ``admin_token``, a second bearer token; without one set they are
+refused over HTTP altogether. The ``api_token`` never suffices for them; the ``admin_token``
+is accepted wherever the ``api_token`` is.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hmac
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from edgelm_agent.config import HttpListen
-from edgelm_agent.errors import ConfigError, ForbiddenHost, NotAuthorized, shown
+from edgelm_agent.api.rate_limit import ClientLimits
+from edgelm_agent.config import AgentConfig, HttpListen
+from edgelm_agent.errors import AdminRequired, ConfigError, ForbiddenHost, NotAuthorized, shown
 
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "[::1]")
+#: Response headers a browser page may read: its request id, when to retry, and provenance.
+EXPOSED_HEADERS = "X-Request-Id, Retry-After, X-Edgelm-Model, X-Edgelm-Model-Digest, " + (
+    "X-Edgelm-Model-Signer"
+)
+_READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+
+
+def needs_admin(method: str, route: str) -> bool:
+    """Whether a request is an admin operation: anything but a read under ``/v1/registry/``
+    (import, install, activate, rollback, verify, gc, pin, and whatever is added there later:
+    the rule fails closed)."""
+    return route.startswith("/v1/registry/") and method.upper() not in _READ_METHODS
+
+
+def _bearer(authorization: str | None) -> bytes | None:
+    scheme, _, token = (authorization or "").partition(" ")
+    if scheme.lower() != "bearer":
+        return None
+    # Header text may carry undecodable bytes as surrogates; compare bytes, never crash.
+    return token.strip().encode("utf-8", errors="surrogateescape")
+
+
+def _matches(given: bytes | None, expected: str | None) -> bool:
+    return (
+        given is not None and expected is not None and hmac.compare_digest(given, expected.encode())
+    )
 
 
 def check_bind_allowed(listen: HttpListen, api_token: str | None) -> None:
@@ -44,6 +77,31 @@ class HttpAccessPolicy:
     restrict_host: bool
     #: How to call the agent, for the message of a refused Host: each name with its port.
     preferred_hosts: tuple[str, ...] = ()
+    #: Bearer token for admin operations over HTTP; ``None`` refuses them over HTTP.
+    admin_token: str | None = None
+    #: Per-client rate and concurrency limits on HTTP.
+    client_limits: ClientLimits = field(default_factory=ClientLimits)
+
+    @classmethod
+    def from_config(cls, config: AgentConfig) -> HttpAccessPolicy | None:
+        """The HTTP listener's policy from the settings; ``None`` when HTTP is off."""
+        if config.http is None:
+            return None
+        check_bind_allowed(config.http, config.api_token)
+        if config.admin_token is not None and config.admin_token == config.api_token:
+            raise ConfigError(
+                "admin_token must differ from api_token: every HTTP client holds the api_token"
+            )
+        policy = cls.for_listener(config.http, config.api_token, config.allowed_origins)
+        return dataclasses.replace(
+            policy,
+            admin_token=config.admin_token,
+            client_limits=ClientLimits(
+                rate_per_s=config.http_client_rate_per_s,
+                burst=config.http_client_burst,
+                max_concurrent=config.http_client_max_concurrent,
+            ),
+        )
 
     @classmethod
     def for_listener(
@@ -76,11 +134,22 @@ class HttpAccessPolicy:
     def check_token(self, authorization: str | None) -> None:
         if self.api_token is None:
             return
-        scheme, _, token = (authorization or "").partition(" ")
-        # Header text may carry undecodable bytes as surrogates; compare bytes, never crash.
-        given = token.strip().encode("utf-8", errors="surrogateescape")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given, self.api_token.encode()):
+        given = _bearer(authorization)
+        if not (_matches(given, self.api_token) or _matches(given, self.admin_token)):
             raise NotAuthorized("missing or invalid bearer token")
+
+    def check_admin(self, authorization: str | None) -> None:
+        """An admin operation over HTTP: only the admin token will do."""
+        if self.admin_token is None:
+            raise AdminRequired(
+                "this is an admin operation: call it over the Unix socket (as a member of its "
+                "group), or set admin_token and send Authorization: Bearer <admin_token>"
+            )
+        if not _matches(_bearer(authorization), self.admin_token):
+            raise AdminRequired(
+                "this is an admin operation: over HTTP it needs Authorization: Bearer "
+                "<admin_token> (the api_token is not enough), or call it over the Unix socket"
+            )
 
     def check(self, *, host: str | None, origin: str | None, authorization: str | None) -> None:
         self.check_origin(host=host, origin=origin)
@@ -95,7 +164,7 @@ class HttpAccessPolicy:
             "Access-Control-Allow-Origin": origin,
             "Access-Control-Allow-Methods": "GET, POST, DELETE, OPTIONS",
             "Access-Control-Allow-Headers": "Authorization, Content-Type, X-Request-Id",
-            "Access-Control-Expose-Headers": "X-Request-Id, Retry-After",
+            "Access-Control-Expose-Headers": EXPOSED_HEADERS,
             "Access-Control-Max-Age": "600",
             "Vary": "Origin",
         }

@@ -12,10 +12,11 @@ import structlog
 from aiohttp import web
 
 from edgelm_agent.api import health, jobs_routes, openai_routes, registry_routes, sync_routes
-from edgelm_agent.api.access import HttpAccessPolicy
+from edgelm_agent.api.access import HttpAccessPolicy, needs_admin
 from edgelm_agent.api.context import (
     ALLOWED_ORIGIN,
     API_CONTEXT,
+    CLIENT_LIMITER,
     LOG_FACTS,
     PREPARED_RESPONSE,
     REQUEST_ID,
@@ -24,7 +25,8 @@ from edgelm_agent.api.context import (
     ApiContext,
 )
 from edgelm_agent.api.errors import error_response, http_exception_response, internal_error_response
-from edgelm_agent.errors import EdgelmError, ExpectationFailed, InvalidRequest, shown
+from edgelm_agent.api.rate_limit import ClientLimiter, client_key
+from edgelm_agent.errors import EdgelmError, ExpectationFailed, InvalidRequest, RateLimited, shown
 from edgelm_agent.valid_unicode import describe, is_valid_text
 
 log = structlog.get_logger(__name__)
@@ -60,9 +62,11 @@ def _check_url_text(request: web.Request) -> None:
 
 
 async def _guarded(request: web.Request, handler: Any, ctx: ApiContext) -> web.StreamResponse:
-    """Apply the HTTP listener's access policy, then run the handler."""
+    """Apply the HTTP listener's access policy and per-client limits, then run the handler.
+    The Unix socket is guarded by its file mode and group, and is not rate limited."""
     _check_url_text(request)
     policy = ctx.http_policy
+    client: str | None = None
     if policy is not None and not _arrived_on_unix_socket(request):
         origin = request.headers.get("Origin")
         policy.check_origin(host=request.headers.get("Host"), origin=origin)
@@ -70,15 +74,49 @@ async def _guarded(request: web.Request, handler: Any, ctx: ApiContext) -> web.S
             request[ALLOWED_ORIGIN] = origin
         if request.method == "OPTIONS":  # a CORS preflight: browsers send it without credentials
             return web.Response(status=204)
-        policy.check_token(request.headers.get("Authorization"))
-    expectation = request.get(UNKNOWN_EXPECTATION)
-    if expectation is not None:
-        raise ExpectationFailed(
-            f"Expect: {shown(expectation)} is not supported; only 100-continue is",
-            param="Expect",
+        authorization = request.headers.get("Authorization")
+        if needs_admin(request.method, _route_label(request)):
+            policy.check_admin(authorization)
+        else:
+            policy.check_token(authorization)
+        client = _admit(request, authorization)
+    try:
+        expectation = request.get(UNKNOWN_EXPECTATION)
+        if expectation is not None:
+            raise ExpectationFailed(
+                f"Expect: {shown(expectation)} is not supported; only 100-continue is",
+                param="Expect",
+            )
+        response: web.StreamResponse = await handler(request)
+        return response
+    finally:
+        if client is not None:
+            request.app[CLIENT_LIMITER].release(client)
+
+
+def _admit(request: web.Request, authorization: str | None) -> str | None:
+    """Count the request against its client's limits; the key to release, or a 429."""
+    limiter = request.app.get(CLIENT_LIMITER)
+    if limiter is None:
+        return None
+    client, who = client_key(authorization, request.remote)
+    refusal = limiter.admit(client, time.monotonic())
+    if refusal is None:
+        return client
+    limits = limiter.limits
+    if refusal.reason == "concurrency":
+        raise RateLimited(
+            f"{who} has {limits.max_concurrent} requests in flight, the most allowed per "
+            "client (http_client_max_concurrent); wait for one to finish",
+            retry_after_s=refusal.retry_after_s,
+            code="too_many_requests_in_flight",
         )
-    response: web.StreamResponse = await handler(request)
-    return response
+    raise RateLimited(
+        f"{who} sent more than {limits.rate_per_s:g} requests per second (burst "
+        f"{limits.burst}; http_client_rate_per_s, http_client_burst); retry after "
+        f"{refusal.retry_after_s} s",
+        retry_after_s=refusal.retry_after_s,
+    )
 
 
 @web.middleware
@@ -141,6 +179,8 @@ async def edge_middleware(request: web.Request, handler: Any) -> web.StreamRespo
 def create_app(ctx: ApiContext, jobs: jobs_routes.JobsContext | None = None) -> web.Application:
     app = web.Application(client_max_size=ctx.max_body_bytes, middlewares=[edge_middleware])
     app[API_CONTEXT] = ctx
+    if ctx.http_policy is not None:
+        app[CLIENT_LIMITER] = ClientLimiter(ctx.http_policy.client_limits)
     if jobs is not None:
         app[jobs_routes.JOBS] = jobs
     health.add_routes(app)

@@ -9,6 +9,7 @@ from typing import Any, Protocol
 from aiohttp import web
 
 from edgelm_agent.api.access import HttpAccessPolicy
+from edgelm_agent.api.rate_limit import ClientLimiter
 from edgelm_agent.jobs.outbox import Outbox
 from edgelm_agent.metrics import AgentMetrics
 from edgelm_agent.model_manager import ModelManager
@@ -42,6 +43,8 @@ class ApiContext:
 
 
 API_CONTEXT = web.AppKey("api_context", ApiContext)
+#: Per-client rate and concurrency limits of the HTTP listener; absent when HTTP is off.
+CLIENT_LIMITER = web.AppKey("client_limiter", ClientLimiter)
 
 # What the middleware records about each request, for handlers and for its log line.
 REQUEST_ID = web.RequestKey("request_id", str)

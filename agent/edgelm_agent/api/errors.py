@@ -15,6 +15,7 @@ from typing import Any
 from aiohttp import web
 
 from edgelm_agent.errors import (
+    AdminRequired,
     BackendError,
     ConfigError,
     ContextOverflow,
@@ -29,6 +30,7 @@ from edgelm_agent.errors import (
     Overloaded,
     PayloadTooLarge,
     QueueFull,
+    RateLimited,
     RequestError,
     RequestTimeout,
 )
@@ -69,6 +71,7 @@ HTTP_ERRORS: dict[type[EdgelmError], tuple[int, str]] = {
     ContextOverflow: (400, INVALID),
     NotAuthorized: (401, "authentication_error"),
     ForbiddenHost: (403, "permission_error"),
+    AdminRequired: (403, "permission_error"),
     ModelNotFound: (404, INVALID),
     RequestTimeout: (408, INVALID),
     PayloadTooLarge: (413, INVALID),
@@ -76,6 +79,7 @@ HTTP_ERRORS: dict[type[EdgelmError], tuple[int, str]] = {
     Overloaded: (503, SERVER),
     NotReady: (503, SERVER),
     QueueFull: (429, "rate_limit_error"),
+    RateLimited: (429, "rate_limit_error"),
     # jobs
     JobNotFound: (404, INVALID),
     JobConflict: (409, INVALID),

@@ -58,6 +58,25 @@ async def completions(request: web.Request) -> web.StreamResponse:
     return await Generation(request, ctx, prepared).respond()
 
 
+#: Provenance headers on every generation response: which model answered, the sha256 of its
+#: signed target, and the keyids of the TUF targets keys that signed it.
+MODEL_HEADER = "X-Edgelm-Model"
+DIGEST_HEADER = "X-Edgelm-Model-Digest"
+SIGNER_HEADER = "X-Edgelm-Model-Signer"
+
+
+def provenance(model: ServingModel) -> dict[str, str]:
+    """The provenance headers of ``model``'s answers; the same facts go into the log line."""
+    headers = {
+        MODEL_HEADER: f"{model.model_id}@{model.version}" if model.version else model.model_id
+    }
+    if model.digest:
+        headers[DIGEST_HEADER] = "sha256:" + model.digest
+    if model.signers:
+        headers[SIGNER_HEADER] = ",".join(model.signers)
+    return headers
+
+
 def _model_card(m: ServingModel) -> dict[str, Any]:
     return {
         "id": m.model_id,
@@ -118,6 +137,8 @@ class Generation:
         facts = self.request[LOG_FACTS]
         facts.update(
             model=self.model.model_id,
+            model_digest=self.model.digest or None,
+            model_signer=",".join(self.model.signers) or None,
             prompt_tokens=len(self.tokens),
             max_tokens=generation.params.max_tokens,
             stream=self.stream,
@@ -161,7 +182,8 @@ class Generation:
         self._observe(finished, usage)
         if sse is None:
             return web.json_response(
-                self.formatter.full("".join(self.pieces), finished.reason, usage)
+                self.formatter.full("".join(self.pieces), finished.reason, usage),
+                headers=provenance(self.model),
             )
         tail = self._pending + sse_event(self.formatter.final_chunk(finished.reason))
         if self.include_usage:
@@ -170,7 +192,7 @@ class Generation:
         return await sse.finish()
 
     async def _open(self, sse: SseStream) -> None:
-        await sse.open()
+        await sse.open(provenance(self.model))
         self._encoder = self.formatter.delta_encoder()
         first = self.formatter.first_chunk()
         # Sent together with the first text: headers, role chunk and token in one write.

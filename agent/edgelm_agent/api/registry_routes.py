@@ -1,7 +1,8 @@
 """``/v1/registry/...``: list, import, install, activate, roll back, verify and clean models.
 
-These change what the device runs, so they are served on the Unix socket and, like every
-route, behind the HTTP listener's access policy. Long operations answer when done; the CLI shows
+These change what the device runs, so every one but the reads is an admin operation
+(:func:`edgelm_agent.api.access.needs_admin`): open to the Unix socket's group, and over HTTP
+only with the ``admin_token``. Long operations answer when done; the CLI shows
 a spinner meanwhile. A client that hangs up cancels its import, install or verification, which
 stops at its next chunk.
 """

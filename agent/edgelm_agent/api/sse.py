@@ -43,8 +43,8 @@ class SseStream:
     def opened(self) -> bool:
         return self._response is not None
 
-    async def open(self) -> None:
-        response = _SseResponse(headers=SSE_HEADERS)
+    async def open(self, headers: dict[str, str] | None = None) -> None:
+        response = _SseResponse(headers={**SSE_HEADERS, **(headers or {})})
         response.headers["X-Request-Id"] = self._request[REQUEST_ID]
         origin = self._request.get(ALLOWED_ORIGIN)
         if origin is not None:  # the headers go out now: the middleware cannot add them later

@@ -30,7 +30,7 @@ from edgelm_agent.generation.prepare import kind_of, prepare
 from edgelm_agent.inference.types import Finished, TextDelta
 from edgelm_agent.jobs import store
 from edgelm_agent.jobs.database import Database
-from edgelm_agent.serving import ModelHost
+from edgelm_agent.serving import ModelHost, ServingModel
 from edgelm_agent.valid_unicode import first_invalid_text
 
 log = structlog.get_logger(__name__)
@@ -141,7 +141,7 @@ class JobWorker:
     async def _attempt(self, job: dict[str, Any]) -> None:
         job_id = job["id"]
         try:
-            result = await self._generate(job)
+            result, model = await self._generate(job)
         except RequestError as exc:  # the request itself is wrong: retrying cannot help
             await self.db.run(store.fail(job, self._describe_error(exc), transient=False))
             log.info("job_failed", job_id=job_id, error=exc.code)
@@ -166,9 +166,13 @@ class JobWorker:
             job_id=job_id,
             stored=stored,
             completion_tokens=result["usage"]["completion_tokens"],
+            model=model.model_id,
+            model_digest=model.digest or None,
+            model_signer=",".join(model.signers) or None,
         )
 
-    async def _generate(self, job: dict[str, Any]) -> dict[str, Any]:
+    async def _generate(self, job: dict[str, Any]) -> tuple[dict[str, Any], ServingModel]:
+        """The job's result, and the model that made it (for the log line's provenance)."""
         request = {**job["request"], "stream": False}
         invalid = first_invalid_text(request, "request")
         if invalid is not None:  # stored before the agent checked this at the door
@@ -187,4 +191,4 @@ class JobWorker:
         if finished.reason == "cancelled":  # stopped at shutdown: not an answer to store
             raise GenerationInterrupted("the generation was stopped", retry_after_s=5)
         usage = Usage(len(prepared.tokens), finished.completion_tokens)
-        return prepared.formatter.full("".join(texts), finished.reason, usage)
+        return prepared.formatter.full("".join(texts), finished.reason, usage), model

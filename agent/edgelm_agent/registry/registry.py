@@ -58,7 +58,7 @@ from edgelm_agent.registry.model_target import (
     target_path,
 )
 from edgelm_agent.registry.state import RegistryState, StateFile
-from edgelm_agent.registry.trust import TrustClient
+from edgelm_agent.registry.trust import TrustClient, targets_signers
 from edgelm_protocol.repository.atomic_file import write_atomic
 from edgelm_protocol.repository.writer import RepositoryWriter
 
@@ -204,6 +204,10 @@ class Registry:
         return TrustClient(
             self.config.root / "metadata", self._anchor(), self._mirrors(), self.clock
         )
+
+    def targets_signers(self) -> tuple[str, ...]:
+        """Keyids of the TUF targets keys that signed the trusted metadata listing the models."""
+        return targets_signers(self.config.root / "metadata")
 
     def adopt_trust_root(self, root_bytes: bytes) -> TrustChange:
         """Trust ``root_bytes`` (a fleet's root, at enrollment) instead of the current anchor.

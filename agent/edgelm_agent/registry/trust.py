@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from tuf.api import exceptions as tuf_exceptions
+from tuf.api.metadata import Metadata, Root, Targets
 from tuf.ngclient import Updater, UpdaterConfig
 
 from edgelm_agent.registry.clock import LastKnownGoodClock
@@ -134,6 +135,21 @@ class TrustClient:
         """Parse one target from the last refresh, raising its precise error."""
         length, hashes, custom = self._raw[path]
         return parse_model_target(path, length, hashes, _as_dict(custom))
+
+
+def targets_signers(metadata_dir: Path) -> tuple[str, ...]:
+    """The keyids whose signatures on the trusted ``targets.json`` verify under the trusted
+    ``root.json``: who vouched for the models it lists. Empty if there is no trusted metadata
+    (yet) or it cannot be read; the caller reports that as an unknown signer."""
+    try:
+        root = Metadata[Root].from_bytes((metadata_dir / "root.json").read_bytes())
+        targets = Metadata[Targets].from_bytes((metadata_dir / "targets.json").read_bytes())
+        result = root.signed.get_verification_result(
+            Targets.type, targets.signed_bytes, targets.signatures
+        )
+    except (OSError, ValueError, tuf_exceptions.RepositoryError):
+        return ()
+    return tuple(sorted(result.signed))
 
 
 def _as_dict(value: Any) -> dict[str, Any] | None:
