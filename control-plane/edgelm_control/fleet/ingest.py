@@ -59,6 +59,7 @@ from edgelm_protocol import (
     CONTROL_SENDER,
     Ack,
     Channel,
+    Direction,
     MessageRefused,
     MessageType,
     RecentIds,
@@ -79,6 +80,7 @@ LAST_SEEN_RESOLUTION_MS = 1000
 DECODE_BATCH_MIN = 50
 DECODE_WAIT_MAX_S = 0.01
 WRITTEN_CAPACITY = 200_000
+NOT_MY_TOPIC = "not_my_topic"
 
 
 class IngestListener(Protocol):
@@ -152,9 +154,15 @@ class Ingestor:
         the decoder in batches (:meth:`decode_telemetry`)."""
         try:
             topic = Topic.parse(message.topic)
-            if topic.fleet != self._link.fleet or topic.device is None:
-                log.warning("fleet_message_foreign", topic=message.topic)
-                self._link.ack(message)
+            if (
+                topic.fleet != self._link.fleet
+                or topic.spec.direction is not Direction.DEVICE_TO_CONTROL
+                or topic.device is None
+            ):
+                # Another fleet's, or a channel the control plane sends on (its own retained
+                # desired states, from a broker that delivers what was not subscribed to, as
+                # amqtt does): refused, or the device would count as seen.
+                self._refuse(message, NOT_MY_TOPIC, message.topic, "not a topic it subscribes to")
                 return
             self._inbound[topic.channel].inc()
             if topic.channel is Channel.TELEMETRY:
