@@ -85,19 +85,7 @@ class SimDevice:
         self.metrics = AgentMetrics()
         self.host = ModelHost()
         self.registry = registry_for(config)
-        self.models = ModelManager(
-            self.registry,
-            self.host,
-            self.metrics,
-            threads=config.effective_threads(),
-            context_length=config.context_length,
-            max_queue=config.max_queue,
-            retry_after_s=config.retry_after_s,
-            background_every=config.jobs_background_every,
-            default_max_tokens=config.default_max_tokens,
-            gpu_layers=config.gpu_layers,
-            onnx_provider=config.onnx_provider,
-        )
+        self.models = ModelManager.from_config(config, self.registry, self.host, self.metrics)
         self.db = Database(config.state_dir / "agent.db")
         worker = JobWorker(
             self.db,

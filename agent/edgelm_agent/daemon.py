@@ -49,7 +49,6 @@ from edgelm_agent.api.context import ApiContext
 from edgelm_agent.api.errors import error_fields
 from edgelm_agent.api.jobs_routes import JobsContext
 from edgelm_agent.config import AgentConfig, HttpListen
-from edgelm_agent.crash_points import crash_point_from
 from edgelm_agent.errors import ConfigError, ModelLoadError
 from edgelm_agent.jobs.database import Database
 from edgelm_agent.jobs.outbox import Outbox, OutboxLimits
@@ -92,20 +91,7 @@ class Daemon:
         self.metrics = AgentMetrics()
         self.host = ModelHost()
         self.registry = registry_for(config)
-        self.models = ModelManager(
-            self.registry,
-            self.host,
-            self.metrics,
-            threads=config.effective_threads(),
-            context_length=config.context_length,
-            max_queue=config.max_queue,
-            retry_after_s=config.retry_after_s,
-            background_every=config.jobs_background_every,
-            default_max_tokens=config.default_max_tokens,
-            gpu_layers=config.gpu_layers,
-            onnx_provider=config.onnx_provider,
-            crash_point=crash_point_from(config.crash_point),
-        )
+        self.models = ModelManager.from_config(config, self.registry, self.host, self.metrics)
         self._registry_lock = contextlib.ExitStack()
         self._on_ready = on_ready
         self._stop = asyncio.Event()

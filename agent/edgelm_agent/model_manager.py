@@ -33,7 +33,8 @@ from typing import Any, TypeVar
 
 import structlog
 
-from edgelm_agent.crash_points import CrashPoint, no_crash
+from edgelm_agent.config import AgentConfig
+from edgelm_agent.crash_points import CrashPoint, crash_point_from, no_crash
 from edgelm_agent.errors import EdgelmError, ModelError, RequestError
 from edgelm_agent.inference.loader import load_backend
 from edgelm_agent.inference.scheduler import Scheduler, SchedulerHooks
@@ -93,6 +94,27 @@ class ModelManager:
         self._registry_thread = WorkerThread("edgelm-registry")
         #: The cancel event of the registry work running now, if any.
         self._running_cancel: threading.Event | None = None
+
+    @classmethod
+    def from_config(
+        cls, config: AgentConfig, registry: Registry, host: ModelHost, metrics: AgentMetrics
+    ) -> ModelManager:
+        """The manager an agent runs with these settings (the daemon's, and the fleet
+        benchmark's simulated devices')."""
+        return cls(
+            registry,
+            host,
+            metrics,
+            threads=config.effective_threads(),
+            context_length=config.context_length,
+            max_queue=config.max_queue,
+            retry_after_s=config.retry_after_s,
+            background_every=config.jobs_background_every,
+            default_max_tokens=config.default_max_tokens,
+            gpu_layers=config.gpu_layers,
+            onnx_provider=config.onnx_provider,
+            crash_point=crash_point_from(config.crash_point),
+        )
 
     async def start(self) -> None:
         """Serve the recorded active model, or the previous one if it no longer verifies."""
