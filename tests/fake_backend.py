@@ -9,7 +9,8 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator, Sequence
 
-from edgelm_agent.inference.types import ModelInfo, SamplingParams
+from edgelm_agent.errors import InvalidRequest
+from edgelm_agent.inference.types import ModelInfo, OutputConstraint, SamplingParams
 
 
 class FakeBackend:
@@ -45,6 +46,9 @@ class FakeBackend:
 
     def tokenize(self, text: str, *, add_bos: bool = True, special: bool = True) -> list[int]:
         return [ord(c) for c in text]
+
+    def check_constraint(self, constraint: OutputConstraint) -> None:
+        raise InvalidRequest(f"the fake backend cannot hold a reply to {constraint.description}")
 
     def release(self, tokens: int = 1) -> None:
         assert self.gate is not None

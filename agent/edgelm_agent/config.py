@@ -18,7 +18,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from edgelm_agent.enrollment import ROOT_FILE, Enrollment, fleet_dir, load_enrollment
+from edgelm_agent.enrollment import (
+    ROOT_FILE,
+    Enrollment,
+    fleet_dir,
+    fleet_repository_mirror,
+    load_enrollment,
+)
 from edgelm_agent.errors import ConfigError, shown
 from edgelm_agent.inference.types import MAX_CONTEXT_LENGTH, MIN_CONTEXT_LENGTH
 
@@ -83,6 +89,10 @@ class AgentConfig:
     allowed_origins: tuple[str, ...] = ()
     #: Model to serve: a GGUF file or an ONNX GenAI folder.
     model_path: Path | None = None
+    #: Embedding model served at /v1/embeddings beside the chat model: an installed model
+    #: of role ``embedding`` (``name`` or ``name@version``), or a GGUF file's path, which is
+    #: imported as one. ``None``: this agent serves no embeddings.
+    embedding_model: str | None = None
     #: CPU threads for generation; ``None`` means one per available core.
     threads: int | None = None
     #: Context window in tokens, capped at the model's trained length.
@@ -95,6 +105,15 @@ class AgentConfig:
     gpu_layers: int | None = None
     #: Where onnxruntime-genai runs the model: ``cpu``, or ``cuda`` (Jetson, with a CUDA build).
     onnx_provider: ExecutionProvider = "cpu"
+    #: Memory, in bytes, that models may take together: the active model and the embedding
+    #: model count against it, and other installed models are loaded on demand while they
+    #: fit, least recently used first out. 0: only the active model serves (a request for
+    #: another model is a 404), as before this setting existed.
+    ram_budget_bytes: int = 0
+    #: A model loaded on demand is unloaded after this many seconds without a request (a
+    #: request's ``keep_alive`` overrides it); ``None`` (``never``): kept until room is
+    #: needed. Never applies to the active model or the embedding model.
+    idle_unload_s: float | None = 300.0
     #: Requests allowed to wait while the model is busy; one more is answered 429.
     max_queue: int = 16
     #: ``Retry-After`` seconds sent with a 429.
@@ -149,6 +168,10 @@ class AgentConfig:
     #: refreshes its own copy within this many seconds (at random, so a fleet does not ask the
     #: repository all at once).
     sync_refresh_jitter_s: float = 30.0
+    #: Fleet devices: a desired state signed by a key the device does not know makes it
+    #: refresh its metadata (the director's key may have rotated); such refreshes start at
+    #: least this many seconds apart, so a flood of them from the broker costs little.
+    sync_key_refresh_interval_s: float = 30.0
     #: Testing only: the process kills itself with SIGKILL at this named point.
     crash_point: str | None = None
     #: The fleet this device is enrolled in (``edgelm agent enroll``); read from the state
@@ -249,6 +272,16 @@ def _positive_float(value: Any) -> float:
     return number
 
 
+def _idle_unload(value: Any) -> float | None:
+    """Seconds >= 0, or ``never`` (also -1) for no idle unload."""
+    if value in (None, "never", "-1", -1):
+        return None
+    number = _number(value, "a number of seconds >= 0, or 'never'")
+    if number < 0:
+        raise ValueError(f"expected a number of seconds >= 0, or 'never', got {value!r}")
+    return number
+
+
 def _onnx_provider(value: Any) -> ExecutionProvider:
     if value not in ("cpu", "cuda"):
         raise ValueError(f"expected cpu or cuda, got {value!r}")
@@ -327,11 +360,14 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("http_client_max_concurrent", "http_client_max_concurrent", _non_negative_int),
     Setting("allowed_origins", "allowed_origins", _origins),
     Setting("model_path", "model", _optional_path),
+    Setting("embedding_model", "embedding_model", _optional_str),
     Setting("threads", "threads", _optional_positive_int),
     Setting("context_length", "context_length", _context_length),
     Setting("default_max_tokens", "default_max_tokens", _positive_int),
     Setting("gpu_layers", "gpu_layers", _optional_non_negative_int),
     Setting("onnx_provider", "onnx_provider", _onnx_provider),
+    Setting("ram_budget_bytes", "ram_budget_bytes", _non_negative_int),
+    Setting("idle_unload_s", "idle_unload_s", _idle_unload),
     Setting("max_queue", "max_queue", _positive_int),
     Setting("retry_after_s", "retry_after_s", _positive_int),
     Setting("max_body_bytes", "max_body_bytes", _positive_int),
@@ -355,6 +391,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("sync_retry_min_s", "sync_retry_min_s", _positive_float),
     Setting("sync_retry_max_s", "sync_retry_max_s", _positive_float),
     Setting("sync_refresh_jitter_s", "sync_refresh_jitter_s", _non_negative_float),
+    Setting("sync_key_refresh_interval_s", "sync_key_refresh_interval_s", _non_negative_float),
     Setting("crash_point", "test_crash_point", _optional_str),
     Setting("log_format", "log_format", _log_format),
     Setting("log_level", "log_level", _log_level),
@@ -391,7 +428,15 @@ def resolve_config(
 
 
 def load_config(config_file: Path | None, flags: Mapping[str, Any]) -> AgentConfig:
-    """Read the TOML file (``--config`` or ``EDGELM_CONFIG``) and the environment, then resolve."""
+    """Read the TOML file (``--config`` or ``EDGELM_CONFIG``) and the environment, then resolve;
+    a device enrolled in a fleet gets its fleet's repository (:func:`with_enrollment`)."""
+    return with_enrollment(load_settings(config_file, flags))
+
+
+def load_settings(config_file: Path | None, flags: Mapping[str, Any]) -> AgentConfig:
+    """The configuration alone, without what the installed enrollment adds: enrolling again
+    starts from this, so that the new fleet's repository replaces the previous fleet's
+    rather than being shadowed by it."""
     env = dict(os.environ)
     path = config_file or (Path(env["EDGELM_CONFIG"]) if env.get("EDGELM_CONFIG") else None)
     toml_data: dict[str, Any] = {}
@@ -403,17 +448,20 @@ def load_config(config_file: Path | None, flags: Mapping[str, Any]) -> AgentConf
             raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"config file {path} is not valid TOML: {exc}") from exc
-    config = resolve_config(toml_data=toml_data, env=env, flags=flags, toml_source=str(path))
-    return with_enrollment(config)
+    return resolve_config(toml_data=toml_data, env=env, flags=flags, toml_source=str(path))
 
 
 def with_enrollment(config: AgentConfig) -> AgentConfig:
     """A device enrolled in a fleet fetches models from the fleet's repository and trusts its
-    root, unless the configuration names other mirrors (a site's caching mirror, say)."""
+    root, unless the configuration names other mirrors (a site's caching mirror, say). With
+    a fleet CA, an ``https://`` fleet repository is verified against that CA alone.
+
+    ``config`` is the configuration alone (:func:`load_settings`): one that an earlier
+    enrollment filled in already would keep that fleet's mirrors."""
     enrollment = load_enrollment(config.state_dir)
     if enrollment is None:
         return config
-    mirrors = config.repository_mirrors or (enrollment.repository_url,)
+    mirrors = config.repository_mirrors or (fleet_repository_mirror(config.state_dir, enrollment),)
     root = config.repository_root or fleet_dir(config.state_dir) / ROOT_FILE
     return dataclasses.replace(
         config, enrollment=enrollment, repository_mirrors=mirrors, repository_root=root

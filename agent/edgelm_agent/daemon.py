@@ -49,6 +49,7 @@ from edgelm_agent.api.context import ApiContext
 from edgelm_agent.api.errors import error_fields
 from edgelm_agent.api.jobs_routes import JobsContext
 from edgelm_agent.config import AgentConfig, HttpListen
+from edgelm_agent.embedding_loader import EmbeddingLoader
 from edgelm_agent.errors import ConfigError, ModelLoadError
 from edgelm_agent.jobs.database import Database
 from edgelm_agent.jobs.outbox import Outbox, OutboxLimits
@@ -92,6 +93,7 @@ class Daemon:
         self.host = ModelHost()
         self.registry = registry_for(config)
         self.models = ModelManager.from_config(config, self.registry, self.host, self.metrics)
+        self.embeddings = EmbeddingLoader(config, self.models, self.host)
         self._registry_lock = contextlib.ExitStack()
         self._on_ready = on_ready
         self._stop = asyncio.Event()
@@ -145,6 +147,7 @@ class Daemon:
             retention_s=config.jobs_retention_s,
             retention_count=config.jobs_retention_count,
             describe_error=error_fields,
+            models=self.models.cache,
         )
         outbox = Outbox(
             db, OutboxLimits(config.outbox_telemetry_max, config.outbox_durable_max_bytes)
@@ -253,6 +256,7 @@ class Daemon:
                 await _stop_task(services_task)
             await runner.cleanup()
             await self.models.close()
+            await self.embeddings.close()
             self._registry_lock.close()
             if socket_inode is not None:
                 remove_socket_file(config.socket_path, socket_inode)
@@ -277,7 +281,7 @@ class Daemon:
         activation in progress is cancelled (hashing and copying stop within a chunk) and
         the agent goes on to its shutdown, without waiting for gigabytes it no longer
         needs."""
-        start = asyncio.ensure_future(self._start_models())
+        start = asyncio.ensure_future(self._start_all())
         stop = asyncio.ensure_future(self._stop.wait())
         try:
             await asyncio.wait({start, stop}, return_when=asyncio.FIRST_COMPLETED)
@@ -291,6 +295,11 @@ class Daemon:
         await asyncio.wait({start}, timeout=START_STOP_WAIT_S)
         if start.done() and not start.cancelled():
             start.exception()  # stopping, the start-up's own outcome no longer matters
+
+    async def _start_all(self) -> None:
+        """The chat model, then the embedding model beside it (if one is configured)."""
+        await self._start_models()
+        await self.embeddings.start()
 
     async def _start_models(self) -> None:
         """Take the registry, import --model if given, and serve the active model."""

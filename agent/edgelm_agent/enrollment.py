@@ -13,34 +13,54 @@ forgotten (their files stay on disk until ``gc``, and a model the fleet sends la
 same hash is never fetched again). When the fleet's repository cannot be reached at enrollment,
 none can be checked, so none is kept: trust is never assumed.
 
+The bundle's ``director_keys`` are the director keys the device trusts until a verified TUF
+root names others (a director key rotation, see :mod:`edgelm_protocol.root_director`). Those
+are kept in ``<state_dir>/fleet/director-keys.json`` with the version of the root that named
+them, so a restart keeps them and only a newer root replaces them; enrolling again removes
+the file (a new trust root, a new start).
+
 A bundle of a fleet with a CA carries ``tls``: the fleet CA, this device's certificate (CN =
 its id) and its key. They are written beside the enrollment, 0600, under
 ``<state_dir>/fleet/tls/``; the sync service then speaks ``mqtts://`` with the fleet CA as its
 only trust anchor and the certificate as its identity. Such a device never speaks plain
-``mqtt://`` to a broker that is not on the same machine: the bundle is refused at enrollment,
-and the settings at start.
+``mqtt://`` to a broker that is not on the same machine, nor plain ``http://`` to a fleet
+repository that is not: the bundle is refused at enrollment, and the settings at start. An
+``https://`` fleet repository is verified against the fleet CA alone, never the system's
+trust store (:func:`fleet_repository_mirror`).
+
+``tls.ca`` may hold several certificates (bundles from this version hold one: the CA that
+issued the certificate). The certificate must be issued (signed) by one of them. Enrolling
+replaces ``ca.pem`` whole, so a device drops a CA (the previous one, after a CA rotation) by
+enrolling a bundle issued without it.
+
+``tls`` without ``key`` is the answer to a request the device made itself
+(``edgelm agent enroll --csr``, :mod:`edgelm_agent.enrollment_key`): the key never left the
+device, and enrolling pairs the certificate with it.
 """
 
 from __future__ import annotations
 
 import json
 import re
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import structlog
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import NameOID
 from tuf.api.metadata import Metadata, Root
 
 from edgelm_agent.errors import ConfigError
+from edgelm_agent.registry.mirrors import PinnedMirror
 from edgelm_protocol.errors import InvalidId, InvalidKey
 from edgelm_protocol.ids import check_device_id, check_fleet_id
 from edgelm_protocol.mqtt.broker_url import parse_broker_url
 from edgelm_protocol.mqtt.errors import InvalidBrokerUrl
-from edgelm_protocol.mqtt.settings import require_tls_unless_loopback
+from edgelm_protocol.mqtt.settings import is_loopback, require_tls_unless_loopback
 from edgelm_protocol.repository.atomic_file import write_atomic
 from edgelm_protocol.signing import DirectorKeys
 
@@ -54,6 +74,7 @@ TLS_DIR = "tls"
 TLS_CA_FILE = "ca.pem"
 TLS_CERT_FILE = "client.pem"
 TLS_KEY_FILE = "client-key.pem"
+DIRECTOR_KEYS_FILE = "director-keys.json"
 _URL = re.compile(r"(https?|mqtts?)://[^\s/]+.*")
 
 
@@ -78,7 +99,9 @@ class Enrollment:
     broker_username: str | None = None
     broker_password: str | None = field(default=None, repr=False)
     issued_at: int = 0
-    #: The fleet CA, this device's certificate and its key (PEM), from the bundle's ``tls``.
+    #: The fleet CA (the one that issued the certificate), this device's certificate and key (PEM),
+    #: from the bundle's ``tls``. ``tls_key`` is ``None`` in a bundle answering the device's
+    #: own request until :func:`edgelm_agent.enrollment_key.pair_pending_key` fills it in.
     tls_ca: str | None = field(default=None, repr=False)
     tls_cert: str | None = field(default=None, repr=False)
     tls_key: str | None = field(default=None, repr=False)
@@ -114,15 +137,17 @@ class Enrollment:
             raise EnrollmentError(f"bundle: a director key is not usable: {exc}") from exc
         tls_ca, tls_cert, tls_key = _tls(data.get("tls"), device_id)
         broker_url = _broker_url(broker)
+        repository_url = _url(data, "repository_url", "repository_url")
         if tls_ca is not None:
             _refuse_plain_remote(broker_url)
+            _refuse_plain_repository(repository_url)
         return cls(
             fleet=fleet,
             device_id=device_id,
             hardware_class=_text(data, "hardware_class"),
             broker_url=broker_url,
             control_url=_url(data, "control_url", "control_url"),
-            repository_url=_url(data, "repository_url", "repository_url"),
+            repository_url=repository_url,
             director_keys=tuple(keys),
             labels=dict(labels),
             broker_username=_optional_text(broker, "username", "broker.username"),
@@ -161,17 +186,28 @@ class Enrollment:
 
 
 def _tls(value: Any, device_id: str) -> tuple[str | None, str | None, str | None]:
-    """The bundle's optional ``tls``: CA, certificate and key, each checked, or all None."""
+    """The bundle's optional ``tls``: CA bundle, certificate and key (``None`` when the
+    device made its own), each checked, or all None."""
     if value is None:
         return None, None, None
-    if not isinstance(value, dict) or not all(
-        isinstance(value.get(k), str) for k in ("ca", "cert", "key")
+    key_pem = value.get("key") if isinstance(value, dict) else None
+    if (
+        not isinstance(value, dict)
+        or not all(isinstance(value.get(k), str) for k in ("ca", "cert"))
+        or not isinstance(key_pem, str | None)
     ):
-        raise EnrollmentError("bundle: 'tls' must be an object with PEM 'ca', 'cert' and 'key'")
+        raise EnrollmentError(
+            "bundle: 'tls' must be an object with PEM 'ca' and 'cert', and 'key' unless the "
+            "device made its own key"
+        )
     try:
-        ca = x509.load_pem_x509_certificate(value["ca"].encode())
+        cas = x509.load_pem_x509_certificates(value["ca"].encode())
         cert = x509.load_pem_x509_certificate(value["cert"].encode())
-        key = serialization.load_pem_private_key(value["key"].encode(), password=None)
+        key = (
+            None
+            if key_pem is None
+            else serialization.load_pem_private_key(key_pem.encode(), password=None)
+        )
     except ValueError as exc:
         raise EnrollmentError(f"bundle: 'tls' holds a malformed PEM: {exc}") from exc
     names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
@@ -180,13 +216,30 @@ def _tls(value: Any, device_id: str) -> tuple[str | None, str | None, str | None
             f"bundle: the certificate in 'tls' is not {device_id!r}'s (its CN is "
             f"{', '.join(str(n.value) for n in names) or 'missing'})"
         )
-    if cert.issuer != ca.subject:
+    if not any(_issued_by(cert, ca) for ca in cas):
         raise EnrollmentError("bundle: the certificate in 'tls' is not issued by its 'ca'")
-    public = serialization.PublicFormat.SubjectPublicKeyInfo
-    der = serialization.Encoding.DER
-    if key.public_key().public_bytes(der, public) != cert.public_key().public_bytes(der, public):
+    if key is not None and public_key_der(key.public_key()) != public_key_der(cert.public_key()):
         raise EnrollmentError("bundle: the key in 'tls' does not belong to its certificate")
-    return value["ca"], value["cert"], value["key"]
+    return value["ca"], value["cert"], key_pem
+
+
+def _issued_by(cert: x509.Certificate, ca: x509.Certificate) -> bool:
+    """Whether ``ca`` signed ``cert``: by signature, not by name (during a CA rotation the
+    old and the new CA have the same name)."""
+    try:
+        cert.verify_directly_issued_by(ca)
+    except (ValueError, TypeError, InvalidSignature):
+        return False
+    return True
+
+
+def public_key_der(key: Any) -> bytes:
+    """A public key's SubjectPublicKeyInfo, DER: what two keys are compared by."""
+    return bytes(
+        key.public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    )
 
 
 def _refuse_plain_remote(broker_url: str) -> None:
@@ -196,6 +249,25 @@ def _refuse_plain_remote(broker_url: str) -> None:
             require_tls_unless_loopback(broker.host, what="'broker.url'")
     except ValueError as exc:
         raise EnrollmentError(f"bundle: {exc}") from exc
+
+
+def _refuse_plain_repository(repository_url: str) -> None:
+    parts = urllib.parse.urlsplit(repository_url)
+    if parts.scheme == "http" and not is_loopback(parts.hostname or ""):
+        raise EnrollmentError(
+            f"bundle: 'repository_url' is http:// (plain) to {parts.hostname}, which is not a "
+            "loopback address; the fleet has a CA, so the repository must be https:// (with "
+            "the control plane's certificate from the fleet CA)"
+        )
+
+
+def fleet_repository_mirror(state_dir: Path, enrollment: Enrollment) -> str:
+    """The fleet's repository as a mirror: ``https://`` pinned to the fleet CA of the
+    enrollment (``<state_dir>/fleet/tls/ca.pem``), so no certificate from the system's trust
+    store can stand in for the fleet's server; otherwise the plain URL."""
+    if enrollment.tls_ca is not None and enrollment.repository_url.startswith("https://"):
+        return PinnedMirror(enrollment.repository_url, tls_files(state_dir)[0])
+    return enrollment.repository_url
 
 
 def tls_files(state_dir: Path) -> tuple[Path, Path, Path]:
@@ -234,6 +306,46 @@ def _broker_url(broker: dict[str, Any]) -> str:
     except InvalidBrokerUrl as exc:
         raise EnrollmentError(f"bundle: 'broker.url': {exc}") from exc
     return value
+
+
+@dataclass(frozen=True)
+class LearnedDirectorKeys:
+    """Director keys (PEM) a verified root named, and that root's version."""
+
+    root_version: int
+    keys: tuple[str, ...]
+
+    def director(self) -> DirectorKeys:
+        return DirectorKeys.from_pem([k.encode() for k in self.keys])
+
+
+def read_learned_director_keys(state_dir: Path) -> LearnedDirectorKeys | None:
+    """The director keys learned from a verified root, or ``None`` (none learned yet).
+
+    A file that cannot be used is reported and treated as absent: the next verified refresh
+    writes it again, and until then the bundle's keys (older, never weaker) stand.
+    """
+    path = fleet_dir(state_dir) / DIRECTOR_KEYS_FILE
+    try:
+        data = json.loads(path.read_bytes())
+        learned = LearnedDirectorKeys(int(data["root_version"]), tuple(data["keys"]))
+        if not all(isinstance(k, str) for k in learned.keys):
+            raise TypeError("keys must be PEM strings")
+        learned.director()
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError, InvalidKey) as exc:
+        log.warning("director_keys_unreadable", path=str(path), error=str(exc)[:300])
+        return None
+    return learned
+
+
+def write_learned_director_keys(state_dir: Path, learned: LearnedDirectorKeys) -> None:
+    learned.director()  # never persist what could not be read back
+    body = {"root_version": learned.root_version, "keys": list(learned.keys)}
+    write_atomic(
+        fleet_dir(state_dir) / DIRECTOR_KEYS_FILE, json.dumps(body, indent=2).encode(), mode=0o640
+    )
 
 
 def fleet_dir(state_dir: Path) -> Path:
@@ -278,8 +390,15 @@ def read_bundle(path: Path) -> tuple[Enrollment, bytes]:
 
 def write_enrollment(state_dir: Path, enrollment: Enrollment, root_bytes: bytes) -> Path:
     """Write the enrollment (0600: it holds the broker password) and the fleet's root."""
+    if enrollment.tls_ca is not None and enrollment.tls_key is None:
+        raise EnrollmentError(
+            "the bundle's certificate has no key: pair it with the key made by "
+            "`edgelm agent enroll --csr` first"
+        )
     folder = fleet_dir(state_dir)
     folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    # Keys learned under the previous enrollment's root are not this bundle's to trust.
+    (folder / DIRECTOR_KEYS_FILE).unlink(missing_ok=True)
     write_atomic(folder / ROOT_FILE, root_bytes, mode=0o640)
     if enrollment.tls_ca is not None:
         tls_dir = folder / TLS_DIR

@@ -9,6 +9,7 @@
     ├── RequestError           the client sent something we will not run (4xx)
     │   ├── InvalidRequest         400: malformed JSON, missing or bad fields
     │   ├── ContextOverflow        400: prompt + max_tokens beyond the context window
+    │   ├── WrongModelRole         400: a generation request to an embedding model, or back
     │   ├── NotAuthorized          401: missing or wrong bearer token
     │   ├── ForbiddenHost          403: Host or Origin not allowed (DNS rebinding defence)
     │   ├── AdminRequired          403: an admin operation over HTTP without the admin token
@@ -112,6 +113,22 @@ class AdminRequired(RequestError):
     """An admin operation (a registry change) over HTTP without the admin token."""
 
     code = "admin_required"
+
+
+class WrongModelRole(InvalidRequest):
+    """The request names a model that is served, but for the other kind of request: chat or
+    completions to an embedding model, embeddings to a generation model."""
+
+    code = "wrong_model_role"
+
+    def __init__(self, model: str, role: str, *, hint: str = "") -> None:
+        if role == "embedding":
+            what = "an embedding model: it serves /v1/embeddings, not chat or completions"
+        else:
+            what = "a generation model: it serves chat and completions, not /v1/embeddings"
+        super().__init__(f"model {shown(model)} is {what}{hint}", param="model")
+        self.model = model
+        self.role = role
 
 
 class ModelNotFound(RequestError):

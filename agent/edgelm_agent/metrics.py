@@ -54,6 +54,23 @@ class AgentMetrics:
             ["model"],
             registry=r,
         )
+        self.models_loaded = Gauge(
+            "edgelm_models_loaded",
+            "Chat and completion models in memory: the active one and those loaded on demand",
+            registry=r,
+        )
+        self.model_loads = Counter(
+            "edgelm_model_loads",
+            "Loads of models on demand, by outcome (loaded, refused, failed)",
+            ["outcome"],
+            registry=r,
+        )
+        self.model_unloads = Counter(
+            "edgelm_model_unloads",
+            "Models loaded on demand that were unloaded, by reason",
+            ["reason"],
+            registry=r,
+        )
         self.generation_errors = Counter(
             "edgelm_generation_errors",
             "Generations that failed in the runtime",

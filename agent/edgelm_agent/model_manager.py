@@ -18,6 +18,11 @@ own (:class:`~edgelm_agent.worker_thread.WorkerThread`), under the same lock as 
 caller that goes away (a client hangs up, the agent stops) sets the work's cancel event, which
 long work checks between chunks, and the lock is held until the thread has really finished:
 the next registry change never runs beside a leftover of the last.
+
+A model already loaded on demand (see :mod:`edgelm_agent.model_cache`) is not loaded a second
+time to be activated: the activation re-verifies its blob, takes that copy over with the
+figures of the health check it passed when it was loaded, and switches to it. A load cannot be
+interrupted: an activation cancelled during one waits for it to end and closes what it loaded.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ import structlog
 from edgelm_agent.config import AgentConfig
 from edgelm_agent.crash_points import CrashPoint, crash_point_from, no_crash
 from edgelm_agent.errors import EdgelmError, ModelError, RequestError
+from edgelm_agent.inference.backend import Backend
 from edgelm_agent.inference.loader import load_backend
 from edgelm_agent.inference.scheduler import Scheduler, SchedulerHooks
 from edgelm_agent.inference.types import (
@@ -47,8 +53,9 @@ from edgelm_agent.inference.types import (
     TextDelta,
 )
 from edgelm_agent.metrics import AgentMetrics
+from edgelm_agent.model_cache import CachedModel, Loaded, ModelCache, ref_of, run_to_end
 from edgelm_agent.registry.errors import ActivationFailed, ModelNotInstalled
-from edgelm_agent.registry.model_target import ModelTarget
+from edgelm_agent.registry.model_target import GENERATION, ModelTarget
 from edgelm_agent.registry.registry import Registry
 from edgelm_agent.registry.state import RegistryState
 from edgelm_agent.serving import FailureStreak, ModelHost, ServingModel
@@ -77,6 +84,8 @@ class ModelManager:
         gpu_layers: int | None = None,
         onnx_provider: str = "cpu",
         crash_point: CrashPoint = no_crash,
+        ram_budget_bytes: int = 0,
+        idle_unload_s: float | None = None,
     ) -> None:
         self.registry = registry
         self.host = host
@@ -94,6 +103,19 @@ class ModelManager:
         self._registry_thread = WorkerThread("edgelm-registry")
         #: The cancel event of the registry work running now, if any.
         self._running_cancel: threading.Event | None = None
+        #: Other installed models, loaded on demand beside the active one.
+        self.cache = ModelCache(
+            host,
+            registry,
+            metrics,
+            load=self.load_extra,
+            budget_bytes=ram_budget_bytes,
+            idle_unload_s=idle_unload_s,
+            context_length=context_length,
+            max_queue=max_queue,
+            retry_after_s=retry_after_s,
+            available_bytes=available_memory_bytes,
+        )
 
     @classmethod
     def from_config(
@@ -114,6 +136,8 @@ class ModelManager:
             gpu_layers=config.gpu_layers,
             onnx_provider=config.onnx_provider,
             crash_point=crash_point_from(config.crash_point),
+            ram_budget_bytes=config.ram_budget_bytes,
+            idle_unload_s=config.idle_unload_s,
         )
 
     async def start(self) -> None:
@@ -147,7 +171,24 @@ class ModelManager:
             target, old, model = await self._activate_locked(ref, event, details, reason)
         if old is not None and old is not model:
             asyncio.get_running_loop().create_task(self._retire(old))
+        self.metrics.models_loaded.set(len(self.host.models()))
+        # Outside the lock: the cache takes its own lock first, then this one, to load.
+        await self.cache.trim()
         return target
+
+    async def load_extra(self, target: ModelTarget) -> Loaded | None:
+        """Verify, load and health-check an installed model to serve beside the active one
+        (for :class:`~edgelm_agent.model_cache.ModelCache`): the activation's steps, without
+        the switch, under the same lock, so no registry change runs beside them. ``None``
+        when an activation made it the active model while this waited for the lock."""
+        async with self._lock:
+            active = self.host.active
+            if active is not None and ref_of(active) == target.ref:
+                return None
+            if target.ref not in (await asyncio.to_thread(self.registry.state)).models:
+                raise ModelNotInstalled(f"model {target.ref} is no longer installed")
+            model, health = await self._prepare(target)
+            return Loaded(model, health)
 
     async def _activate_locked(
         self, ref: str, event: str, details: dict[str, Any] | None, reason: str
@@ -155,9 +196,16 @@ class ModelManager:
         """:meth:`activate`'s work, with the lock held: the target, what served before, and
         what serves now (the caller retires the old one once the lock is free)."""
         target = self.registry.find(ref)
+        # A copy loaded on demand is taken over rather than loaded again beside itself; held
+        # (leased) meanwhile, so that no unload closes it under the check.
+        held = self.cache.hold(target.ref)
         try:
-            model, health = await self._prepare(target)
-        except EdgelmError as exc:
+            model, health = await self._prepare(target, held)
+        except BaseException as exc:
+            if held is not None:
+                self.cache.release(held)
+            if not isinstance(exc, EdgelmError):
+                raise
             reason = str(exc)
             await asyncio.to_thread(
                 self.registry.update,
@@ -171,8 +219,12 @@ class ModelManager:
             ) from exc
         old = self.host.active
         self._crash_point("activation.before_switch")
+        if held is not None and held.model is model:
+            self.cache.adopt(held)
         self.host.set_active(model)
-        recorded = {**(details or {}), "health": health.as_dict()}
+        if held is not None and held.model is not model:
+            self.cache.release(held)  # a copy that was failing: now unused, the cache drops it
+        recorded = {**(details or {}), "health": health}
 
         def commit(state: RegistryState) -> RegistryState:
             if event == "rolled_back":
@@ -269,7 +321,17 @@ class ModelManager:
         async with self._lock:
             await asyncio.to_thread(self.registry.update, lambda s: s.claimed(rollout))
 
-    async def _prepare(self, target: ModelTarget) -> tuple[ServingModel, HealthFigures]:
+    async def _prepare(
+        self, target: ModelTarget, held: CachedModel | None = None
+    ) -> tuple[ServingModel, dict[str, float | None]]:
+        """The model to serve ``target`` with, verified and health-checked, and the health
+        check's figures: ``held`` (a copy loaded on demand) if it serves well, else a new one."""
+        if target.role != GENERATION:
+            raise ActivationFailed(
+                f"{target.ref} is an {target.role} model: it cannot be the active model, which "
+                "chats; serve it with the embedding_model setting",
+                reason="wrong_role",
+            )
         path: Path
         signers: tuple[str, ...]
         path, signers = await self._in_registry_thread(
@@ -280,6 +342,10 @@ class ModelManager:
             "verify",
         )
         self._crash_point("activation.verified")
+        if held is not None and not held.model.health.degraded:
+            # Loaded from these same verified bytes and health-checked then; a second check
+            # now would queue behind the requests running on it.
+            return held.model, held.health
         available = available_memory_bytes()
         if available is not None and target.min_ram_bytes > available:
             raise ActivationFailed(
@@ -288,7 +354,7 @@ class ModelManager:
             )
         started = time.perf_counter()
         log.info("model_loading", model=target.ref, format=target.format)
-        backend = await asyncio.to_thread(
+        load = functools.partial(
             load_backend,
             path,
             threads=self.threads,
@@ -297,6 +363,10 @@ class ModelManager:
             gpu_layers=self.gpu_layers,
             onnx_provider=self.onnx_provider,
         )
+        # The thread cannot be stopped: a caller that goes away (a client hanging up on an
+        # activation) waits for it with the lock held, and what it loaded is closed, not
+        # dropped to hold its memory until a garbage collection finds it.
+        backend = await run_to_end(asyncio.to_thread(load), _close_backend)
         self.metrics.model_load.labels(target.name).set(time.perf_counter() - started)
         self._crash_point("activation.loaded")
         served = backend.info.context_length
@@ -338,6 +408,7 @@ class ModelManager:
             default_max_tokens=self.default_max_tokens,
             digest=target.sha256,
             signers=signers,
+            presets=target.presets,
         )
         log.info(
             "model_loaded",
@@ -353,7 +424,7 @@ class ModelManager:
             await scheduler.close()
             backend.close()
             raise
-        return model, figures
+        return model, figures.as_dict()
 
     async def _health_check(self, model: ServingModel, target: ModelTarget) -> HealthFigures:
         check = target.health_check
@@ -413,6 +484,7 @@ class ModelManager:
     async def close(self, registry_wait_s: float = REGISTRY_STOP_WAIT_S) -> None:
         """Close the models, and stop registry work: it is asked to stop, and waited for a
         bounded time; a thread stuck for good is left to the process's exit."""
+        await self.cache.close()
         for model in self.host.models():
             await model.scheduler.close()
             model.backend.close()
@@ -434,6 +506,10 @@ class HealthFigures:
     def as_dict(self) -> dict[str, float | None]:
         speed = None if self.tokens_per_s is None else round(self.tokens_per_s, 2)
         return {"tokens_per_s": speed, "ttft_ms": self.ttft_ms}
+
+
+def _close_backend(backend: Backend) -> None:
+    backend.close()
 
 
 def available_memory_bytes() -> int | None:

@@ -7,10 +7,19 @@ running generation.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
-from edgelm_agent.errors import ContextOverflow, InvalidRequest, ModelNotFound, NotReady
+from edgelm_agent.embedding_model import EmbeddingSlot
+from edgelm_agent.errors import (
+    ContextOverflow,
+    InvalidRequest,
+    ModelNotFound,
+    NotReady,
+    WrongModelRole,
+)
 from edgelm_agent.inference.backend import Backend
 from edgelm_agent.inference.chat_template import ChatMessage, ChatTemplate
 from edgelm_agent.inference.scheduler import Scheduler
@@ -21,6 +30,7 @@ from edgelm_agent.inference.types import (
     SamplingFields,
     SamplingParams,
 )
+from edgelm_protocol.presets import Preset
 
 
 @dataclass
@@ -55,8 +65,11 @@ class ServingModel:
         default_max_tokens: int = 512,
         digest: str = "",
         signers: tuple[str, ...] = (),
+        presets: tuple[Preset, ...] = (),
     ) -> None:
         self.backend = backend
+        #: The prompt presets signed with the model, which requests select by name.
+        self.presets = presets
         #: Provenance, sent with every generation: the sha256 of the signed target that was
         #: verified and loaded, and the keyids of the TUF targets keys that signed it. Empty
         #: for a model served outside the registry (tests).
@@ -95,15 +108,34 @@ class ServingModel:
             return (self.model_id,)
         return (self.model_id, f"{self.model_id}@{self.version}")
 
-    def chat_prompt(self, messages: Sequence[ChatMessage]) -> list[int]:
+    @property
+    def template_speaks_tools(self) -> bool:
+        """Whether the chat template renders tools and tool calls itself."""
+        return self._template is not None and self._template.speaks_tools
+
+    def chat_prompt(
+        self, messages: Sequence[ChatMessage], tools: Sequence[dict[str, Any]] | None = None
+    ) -> list[int]:
+        """The chat's prompt tokens; ``tools`` (OpenAI's form) go to a template that
+        :attr:`template_speaks_tools`."""
         if self._template is None:
             raise InvalidRequest(
                 f"model {self.model_id!r} has no chat template; use /v1/completions with a "
                 "plain prompt",
                 param="messages",
             )
-        prompt = self._template.render(messages)
-        segments = self._template.render_segments(messages)
+        if tools or any(m.tool_calls for m in messages):
+            # The template writes tools and calls as its own text, where control-token text
+            # would act as control tokens: such a request is refused, not run.
+            calls = [c.as_template() for m in messages for c in m.tool_calls]
+            written = json.dumps([tools, calls], ensure_ascii=False)
+            if self._specials is not None and self._specials.search(written):
+                raise InvalidRequest(
+                    "the tools or tool calls hold text this model reads as control tokens",
+                    param="tools",
+                )
+        prompt = self._template.render(messages, tools=tools)
+        segments = self._template.render_segments(messages, tools=tools)
         if segments is None or "".join(s.text for s in segments) != prompt:
             # The template reshapes contents (trims or escapes them, say), so they cannot be
             # told apart from its own text. Safe only if no content carries special text.
@@ -162,13 +194,18 @@ class ServingModel:
 
 
 class ModelHost:
-    """Holds the active model. Empty until the daemon has loaded one."""
+    """Holds the active model, and the models loaded beside it on demand (see
+    :mod:`edgelm_agent.model_cache`). Empty until the daemon has loaded one."""
 
     def __init__(self) -> None:
         self._active: ServingModel | None = None
+        #: Installed models loaded on demand within the RAM budget, oldest load first.
+        self._extras: list[ServingModel] = []
         #: The daemon is still bringing its model up: /readyz says "loading", not "no_model".
         self.starting = False
         self.draining = False
+        #: The embedding model, served beside the active one (see embedding_loader.py).
+        self.embeddings = EmbeddingSlot()
 
     @property
     def active(self) -> ServingModel | None:
@@ -178,13 +215,25 @@ class ModelHost:
         self._active = model
 
     def models(self) -> list[ServingModel]:
-        return [self._active] if self._active is not None else []
+        """The active model first (a bare name finds it before any other version), then
+        those loaded on demand."""
+        active = [self._active] if self._active is not None else []
+        return active + self._extras
+
+    def add_extra(self, model: ServingModel) -> None:
+        self._extras.append(model)
+
+    def remove_extra(self, model: ServingModel) -> None:
+        self._extras = [m for m in self._extras if m is not model]
 
     def find(self, model_id: str) -> ServingModel:
         """The model with this id, or ModelNotFound naming the ones there are."""
         for model in self.models():
             if model_id in model.names:
                 return model
+        embedding = self.embeddings.model
+        if embedding is not None and model_id in embedding.names:
+            raise WrongModelRole(model_id, "embedding")
         raise ModelNotFound(model_id, [m.model_id for m in self.models()])
 
     def resolve(self, model_id: str) -> ServingModel:

@@ -53,9 +53,17 @@ def _tighten(path: Path, *, private: bool = False) -> None:
         return  # never chmod through a link
     mode = stat.S_IMODE(st.st_mode)
     wanted = mode & (0o700 if private else ~0o007)
-    if wanted != mode:
-        os.chmod(path, wanted)
-        log.info("state_permissions_tightened", path=str(path), was=oct(mode), now=oct(wanted))
+    if wanted == mode:
+        return
+    if st.st_uid != os.geteuid() and os.geteuid() != 0:
+        # Someone else's file (root copied a model in, say): only its owner may chmod it. It
+        # is not the agent's to guard, and refusing to start over it would stop serving.
+        log.warning(
+            "state_permissions_not_ours", path=str(path), owner_uid=st.st_uid, mode=oct(mode)
+        )
+        return
+    os.chmod(path, wanted)
+    log.info("state_permissions_tightened", path=str(path), was=oct(mode), now=oct(wanted))
 
 
 def prepare_state_dir(state_dir: Path) -> None:

@@ -74,7 +74,7 @@ async def _serve(service: ControlService) -> None:
         info = service.info
         # For people and supervisors: one line with the address (the port may be chosen).
         print(
-            f"edgelm control ready: http=http://{info.http_host}:{info.http_port} "
+            f"edgelm control ready: http={info.scheme}://{info.http_host}:{info.http_port} "
             f"fleet={info.fleet} db={info.db} broker={info.broker}",
             file=sys.stderr,
             flush=True,
@@ -100,6 +100,6 @@ def service_status(service: ControlService) -> str:
     link = service.link
     broker = "connected to" if link is not None and link.connected else "reconnecting to"
     return (
-        f"serving fleet {info.fleet} on http://{info.http_host}:{info.http_port}; "
+        f"serving fleet {info.fleet} on {info.scheme}://{info.http_host}:{info.http_port}; "
         f"{broker} the broker {info.broker}"
     )

@@ -69,7 +69,13 @@ class ControlConfig:
     replica: str = "0"
     #: Where the HTTP server (REST API, repository, health, metrics) listens.
     http: HttpListen = field(default_factory=lambda: HttpListen("127.0.0.1", DEFAULT_HTTP_PORT))
-    #: How devices and operators reach this server; ``None``: ``http://{http}``.
+    #: The server certificate (PEM, with its chain) and key for HTTPS on ``http``: the
+    #: certificate ``edgelm provision fleet-init`` issued (control/tls/server.pem), which
+    #: devices verify against the fleet CA. ``None``: plain HTTP (loopback, or behind a proxy).
+    http_tls_cert: Path | None = None
+    http_tls_key: Path | None = None
+    #: How devices and operators reach this server; ``None``: ``http://{http}`` (``https://``
+    #: with ``http_tls_cert``).
     public_url: str | None = None
     #: Folder for the SQLite database and the default places of the files below.
     data_dir: Path = DEFAULT_DATA_DIR
@@ -150,8 +156,13 @@ class ControlConfig:
         return f"control-{self.fleet}-{self.replica}"
 
     @property
+    def scheme(self) -> str:
+        """``https`` when this server speaks TLS itself, else ``http``."""
+        return "https" if self.http_tls_cert is not None else "http"
+
+    @property
     def base_url(self) -> str:
-        return (self.public_url or f"http://{self.http}").rstrip("/")
+        return (self.public_url or f"{self.scheme}://{self.http}").rstrip("/")
 
 
 # --- parsers: each takes the raw value from TOML (typed) or env/flags (str) ---------------------
@@ -313,6 +324,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("fleet", "fleet", _fleet),
     Setting("replica", "replica", _replica),
     Setting("http", "http", parse_http),
+    Setting("http_tls_cert", "http_tls_cert", _path, is_path=True),
+    Setting("http_tls_key", "http_tls_key", _path, is_path=True),
     Setting("public_url", "public_url", _public_url),
     Setting("data_dir", "data_dir", _path, is_path=True),
     Setting("db", "db", _text),  # resolved once data_dir is known
@@ -420,6 +433,8 @@ def resolve_config(
 def _check_broker_tls(values: Mapping[str, Any]) -> None:
     if (values.get("broker_cert") is None) != (values.get("broker_key") is None):
         raise ConfigError("broker_cert and broker_key go together: give both or neither")
+    if (values.get("http_tls_cert") is None) != (values.get("http_tls_key") is None):
+        raise ConfigError("http_tls_cert and http_tls_key go together: give both or neither")
     broker = values.get("broker")
     if values.get("broker_ca") is not None and broker is not None and not broker.tls:
         try:

@@ -14,6 +14,7 @@ session stays on the broker, holding what arrives meanwhile); the store closes.
 from __future__ import annotations
 
 import asyncio
+import ssl
 from dataclasses import dataclass
 
 import structlog
@@ -24,13 +25,15 @@ from edgelm_control.api.auth import TokenChecker, read_tokens_file
 from edgelm_control.api.context import ApiContext
 from edgelm_control.clock import Clock, SystemClock
 from edgelm_control.config import ControlConfig
-from edgelm_control.director import Director, load_director_key
+from edgelm_control.director import Director
+from edgelm_control.errors import ConfigError
 from edgelm_control.fleet.decoder import TelemetryDecoder
 from edgelm_control.fleet.ingest import Ingestor
 from edgelm_control.fleet.link import FleetLink, mqtt_settings
 from edgelm_control.hub import FleetHub
 from edgelm_control.jobs.service import RemoteJobs
 from edgelm_control.metrics import ControlMetrics
+from edgelm_control.repository.director_keys import DirectorKeyring
 from edgelm_control.repository.service import RepositoryService
 from edgelm_control.rollouts.actions import RolloutActions
 from edgelm_control.rollouts.driver import RolloutDriver
@@ -55,6 +58,7 @@ class ReadyInfo:
     fleet: str
     db: str
     broker: str
+    scheme: str = "http"  # "https" with http_tls_cert
 
 
 class ControlService:
@@ -82,7 +86,7 @@ class ControlService:
         clock = self.clock
         metrics = ControlMetrics()
         hub = FleetHub(config.sse_queue_max)
-        key = load_director_key(config.keys_dir / "director.pem")
+        keyring = DirectorKeyring(config.keys_dir, config.repository_dir / "metadata")
         tokens = read_tokens_file(config.tokens_file)
         store = self.store = await Store.open(config.db)
         try:
@@ -113,12 +117,14 @@ class ControlService:
                     log.warning("announce_failed", version=version, error=type(exc).__name__)
 
             repository = RepositoryService(
-                config.repository_dir, config.keys_dir, store, clock, announce
-            )
+                config.repository_dir, config.keys_dir, store, clock, announce,
+                director_keys=keyring,
+            )  # fmt: skip
             await repository.sync_index()
+            keyring.signing_key()  # a root naming a key this server lacks stops it here
             director = self.director = Director(
                 fleet=config.fleet,
-                key=key,
+                key=keyring.signing_key,
                 store=store,
                 publisher=link,
                 clock=clock,
@@ -166,6 +172,7 @@ class ControlService:
             link.when_connected("desired", director.publish_pending)
             link.when_connected("jobs", jobs.dispatch)
             link.when_connected("announce", announce_current)
+            repository.when_root_published("director", director.resign_other_keys)
 
             ctx = ApiContext(
                 fleet=config.fleet,
@@ -211,7 +218,9 @@ class ControlService:
                 lingering_time=LINGERING_S,
             )
             await runner.setup()
-            site = web.TCPSite(runner, config.http.host, config.http.port)
+            site = web.TCPSite(
+                runner, config.http.host, config.http.port, ssl_context=https_context(config)
+            )
             await site.start()
             host, port = _bound(runner, config)
             await link.start()
@@ -220,7 +229,13 @@ class ControlService:
                 await self._maintain(director, repository, store)
             except Exception:  # the maintenance service tries again on its schedule
                 log.exception("maintenance_failed_at_start")
-            self.info = ReadyInfo(host, port, config.fleet, redacted(config.db), str(config.broker))
+            try:  # apart: a maintenance failure must not skip it (nothing else retries it)
+                await director.resign_other_keys()  # a rotation cut short by a crash
+            except Exception:
+                log.exception("root_hook_failed", hook="director", at_start=True)
+            self.info = ReadyInfo(
+                host, port, config.fleet, redacted(config.db), str(config.broker), config.scheme
+            )
             log.info(
                 "control_ready",
                 http=f"{host}:{port}",
@@ -263,6 +278,23 @@ class ControlService:
             events = await prune_events(conn, before_ms=now_ms - config.event_retention_s * 1000)
         if telemetry or events:
             log.info("store_pruned", telemetry=telemetry, events=events)
+
+
+def https_context(config: ControlConfig) -> ssl.SSLContext | None:
+    """The HTTPS server context from ``http_tls_cert`` and ``http_tls_key``, or ``None`` for
+    plain HTTP. A certificate that cannot be loaded stops the start with a ConfigError."""
+    if config.http_tls_cert is None or config.http_tls_key is None:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(config.http_tls_cert, config.http_tls_key)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(
+            f"cannot load the HTTPS certificate {config.http_tls_cert} and key "
+            f"{config.http_tls_key}: {exc}"
+        ) from exc
+    return context
 
 
 def _bound(runner: web.AppRunner, config: ControlConfig) -> tuple[str, int]:

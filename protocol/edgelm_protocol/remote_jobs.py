@@ -23,7 +23,7 @@ from edgelm_protocol.topics import MessageType
 
 _ERROR_CODE_TEXT = 64
 _ERROR_MESSAGE_TEXT = 4096
-_MAX_TTL_S = 31_536_000.0  # a year: a longer TTL is a unit mistake (ms for s), not a plan
+MAX_TTL_S = 31_536_000.0  # a year: a longer TTL is a unit mistake (ms for s), not a plan
 
 
 class JobOutcome(StrEnum):
@@ -113,7 +113,7 @@ class RemoteJob:
         return cls(
             request=reader.json_object("request"),
             priority=reader.integer("priority", minimum=-100, maximum=100),
-            ttl_s=reader.optional_number("ttl_s", exclusive_minimum=True, maximum=_MAX_TTL_S),
+            ttl_s=reader.optional_number("ttl_s", exclusive_minimum=True, maximum=MAX_TTL_S),
             metadata=reader.optional_json_object("metadata"),
             max_attempts=reader.integer("max_attempts", minimum=1, maximum=10),
             wait_for_model=reader.boolean("wait_for_model"),

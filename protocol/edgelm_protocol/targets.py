@@ -18,6 +18,15 @@ The target's ``custom["edgelm"]`` object carries what the agent needs to run it:
      "health_check": {"prompt": "Hello", "max_tokens": 8, "timeout_s": 30,
                       "min_tokens_per_s": "1.5"}}
 
+``role`` says what the model is for: ``generation`` (chat and completions, the default) or
+``embedding`` (vectors for ``/v1/embeddings``). It is optional, and written only when it is not
+``generation``, so metadata signed before roles existed stays valid and a generation target
+signs to the same bytes as before.
+
+``presets`` (optional, written only when there are any) names prompt presets that travel
+with the model: a system prompt, a response format or tools, and sampling. Its schema is in
+:mod:`edgelm_protocol.presets`. An embedding model takes none.
+
 TUF signs canonical JSON, which has no floating-point numbers, so decimal values are written as
 decimal strings (or integers) and parsed here.
 """
@@ -31,6 +40,7 @@ from typing import Any
 
 from edgelm_protocol.errors import InvalidModelMetadata, UnsafeTargetPath
 from edgelm_protocol.ids import MODEL_NAME_PATTERN, MODEL_VERSION_PATTERN
+from edgelm_protocol.presets import Preset, parse_presets, presets_custom
 
 #: Below this a model cannot hold its health check, let alone a chat: refused in signed
 #: metadata, at import, and in the agent's configuration.
@@ -51,6 +61,11 @@ VERSION_RE = MODEL_VERSION_PATTERN
 FILENAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 BUNDLE_FILE = "bundle.json"
 BACKEND_FOR_FORMAT = {"gguf": "llama.cpp", "onnx": "onnxruntime-genai"}
+#: What a model is for: text generation, or embedding vectors.
+GENERATION, EMBEDDING = "generation", "embedding"
+ROLES = (GENERATION, EMBEDDING)
+#: Embeddings are served by llama.cpp only: a model of this role must be a GGUF file.
+EMBEDDING_FORMATS = ("gguf",)
 
 
 def check_name(name: str) -> str:
@@ -118,10 +133,16 @@ class ModelTarget:
     chat_template: str | None = None
     sampling: Sampling = field(default_factory=Sampling)
     health_check: HealthCheck = field(default_factory=HealthCheck)
+    role: str = GENERATION
+    #: Prompt presets signed with the model, by name (see :mod:`edgelm_protocol.presets`).
+    presets: tuple[Preset, ...] = ()
 
     @property
     def ref(self) -> str:
         return f"{self.name}@{self.version}"
+
+    def preset(self, name: str) -> Preset | None:
+        return next((p for p in self.presets if p.name == name), None)
 
     @property
     def is_bundle(self) -> bool:
@@ -129,7 +150,7 @@ class ModelTarget:
 
     def custom(self) -> dict[str, Any]:
         """The ``custom["edgelm"]`` object this target was parsed from."""
-        return {
+        custom = {
             "name": self.name,
             "version": self.version,
             "format": self.format,
@@ -141,6 +162,11 @@ class ModelTarget:
             "sampling": _canonical(asdict(self.sampling)),
             "health_check": _canonical(asdict(self.health_check)),
         }
+        if self.role != GENERATION:  # absent means generation (see the module docstring)
+            custom["role"] = self.role
+        if self.presets:  # absent means none, so targets without presets sign as before
+            custom["presets"] = presets_custom(self.presets)
+        return custom
 
     def as_dict(self) -> dict[str, Any]:
         return {"path": self.path, "length": self.length, "sha256": self.sha256, **self.custom()}
@@ -242,6 +268,18 @@ def parse_model_target(
     template = edgelm.get("chat_template")
     if template is not None and not isinstance(template, str):
         raise InvalidModelMetadata(f"target {path!r}: edgelm.chat_template must be a string")
+    role = check_role(edgelm.get("role", GENERATION), f"target {path!r}: edgelm.role")
+    if role == EMBEDDING and fmt not in EMBEDDING_FORMATS:
+        raise InvalidModelMetadata(
+            f"target {path!r}: an embedding model must be GGUF (served by llama.cpp), not {fmt}"
+        )
+    presets = parse_presets(
+        edgelm.get("presets"), f"target {path!r}", context_length=context_length
+    )
+    if presets and role == EMBEDDING:
+        raise InvalidModelMetadata(
+            f"target {path!r}: an embedding model takes no presets (they shape generations)"
+        )
     return ModelTarget(
         path=path,
         length=length,
@@ -256,7 +294,17 @@ def parse_model_target(
         chat_template=template,
         sampling=_sub(edgelm, "sampling", Sampling, path),
         health_check=_sub(edgelm, "health_check", HealthCheck, path),
+        role=role,
+        presets=presets,
     )
+
+
+def check_role(role: Any, where: str = "model role") -> str:
+    """``generation`` or ``embedding``, or a precise error naming what came."""
+    if role not in ROLES:
+        shown = repr(role) if len(repr(role)) <= 40 else repr(role)[:39] + "…"
+        raise InvalidModelMetadata(f"{where} must be generation or embedding, got {shown}")
+    return str(role)
 
 
 def model_target_from_dict(data: dict[str, Any]) -> ModelTarget:

@@ -7,8 +7,14 @@ which channel, so it cannot drift from what the agent and control plane do:
   publish only its own ``edgelm/v1/{fleet}/dev/{id}/`` device-to-control channels (presence,
   state, telemetry, events), read only its own control-to-device channels (desired, jobs,
   ack), and read the fleet's ``announce``; nothing else, not even another fleet's topics;
-* the control plane (CN ``control``, never a device id) may read and write everything under
-  ``edgelm/v1/{fleet}/``.
+* the control plane (CN ``control``, and each replica's ``control:NAME`` from
+  :mod:`edgelm_provisioning.control_identity`; never a device id) may read and write
+  everything under ``edgelm/v1/{fleet}/``, shared subscriptions (``$share/GROUP/...``) included.
+
+During a CA rotation (:mod:`edgelm_provisioning.ca_rotation`) ``ca.pem`` is the bundle of both
+CAs, ``crl.pem`` holds both CRLs and ``server.pem`` carries the cross-certificate; run
+broker-config again (``--force``) after each step of a rotation and after issuing or revoking a
+replica's identity, and restart the broker.
 
 Files written to ``--out``: ``mosquitto.conf``, ``acl``, ``ca.pem``, ``server.pem``,
 ``server-key.pem`` (0600), ``crl.pem``, ``emqx-acl.conf`` and the persistence folder ``data/``.
@@ -25,6 +31,7 @@ from pathlib import Path
 from edgelm_protocol.mqtt import parse_broker_url
 from edgelm_protocol.repository.atomic_file import write_atomic
 from edgelm_protocol.topics import CHANNELS, TOPIC_ROOT, Direction
+from edgelm_provisioning.control_identity import control_identities
 from edgelm_provisioning.errors import AlreadyIssued, InvalidValue
 from edgelm_provisioning.fleet_ca import CONTROL_CN, FleetCa
 from edgelm_provisioning.fleet_dir import FleetDir
@@ -46,9 +53,17 @@ class BrokerConfig:
     out: Path
     port: int
     files: tuple[str, ...]
+    control_identities: tuple[str, ...] = (CONTROL_CN,)
+    ca_rotation: bool = False
 
     def as_dict(self) -> dict[str, object]:
-        return {"out": str(self.out), "port": self.port, "files": list(self.files)}
+        return {
+            "out": str(self.out),
+            "port": self.port,
+            "files": list(self.files),
+            "control_identities": list(self.control_identities),
+            "ca_rotation": self.ca_rotation,
+        }
 
 
 def device_rights(fleet: str) -> tuple[list[str], list[str]]:
@@ -65,16 +80,19 @@ def device_rights(fleet: str) -> tuple[list[str], list[str]]:
     return publish, subscribe
 
 
-def mosquitto_acl(fleet: str) -> str:
+def mosquitto_acl(fleet: str, control: tuple[str, ...] = (CONTROL_CN,)) -> str:
+    """The ACL file; ``control`` lists the control plane's identities (CNs)."""
     publish, subscribe = device_rights(fleet)
     lines = [
         f"# edgelm fleet {fleet}: written by `edgelm provision broker-config`.",
         "# User names are certificate CNs (use_identity_as_username): a device's is its id.",
         "# Anything not granted here is denied.",
         "",
-        "# The control plane: every topic of the fleet.",
-        f"user {CONTROL_CN}",
-        f"topic readwrite {TOPIC_ROOT}/{fleet}/#",
+        "# The control plane (each replica its own identity): every topic of the fleet.",
+    ]
+    for cn in control:
+        lines += [f"user {cn}", f"topic readwrite {TOPIC_ROOT}/{fleet}/#"]
+    lines += [
         "",
         "# Every device (%u = its id): publish its own up channels, read its own down",
         "# channels and the fleet's announce.",
@@ -84,9 +102,13 @@ def mosquitto_acl(fleet: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def emqx_acl(fleet: str) -> str:
-    """EMQX 5 file authorization rules (``acl.conf``), with ``${username}`` placeholders."""
+def emqx_acl(fleet: str, control: tuple[str, ...] = (CONTROL_CN,)) -> str:
+    """EMQX 5 file authorization rules (``acl.conf``), with ``${username}`` placeholders;
+    ``control`` lists the control plane's identities (CNs)."""
     publish, subscribe = device_rights(fleet)
+    control_rules = "".join(
+        f'{{allow, {{username, "{cn}"}}, all, ["{TOPIC_ROOT}/{fleet}/#"]}}.\n' for cn in control
+    )
 
     def topics(items: list[str]) -> str:
         return ", ".join(f'"{t.format(id="${username}")}"' for t in items)
@@ -97,7 +119,7 @@ def emqx_acl(fleet: str) -> str:
         "%% fail_if_no_peer_cert = true) and the certificate's CN as user name\n"
         "%% (mqtt.peer_cert_as_username = cn; for ${clientid} rules also peer_cert_as_clientid).\n"
         "%% Set authorization.no_match = deny.\n"
-        f'{{allow, {{username, "{CONTROL_CN}"}}, all, ["{TOPIC_ROOT}/{fleet}/#"]}}.\n'
+        f"{control_rules}"
         f"{{allow, all, publish, [{topics(publish)}]}}.\n"
         f"{{allow, all, subscribe, [{topics(subscribe)}]}}.\n"
         '{deny, all, subscribe, ["$SYS/#", {eq, "#"}, {eq, "+/#"}]}.\n'
@@ -175,13 +197,14 @@ def write_broker_config(
         ).encode(),
         mode=0o644,
     )
-    write_atomic(out / "acl", mosquitto_acl(fleet).encode(), mode=0o644)
-    write_atomic(out / "emqx-acl.conf", emqx_acl(fleet).encode(), mode=0o644)
-    write_atomic(out / "ca.pem", paths.ca_cert.read_bytes(), mode=0o644)
+    control = tuple(control_identities(ca, now=now))
+    write_atomic(out / "acl", mosquitto_acl(fleet, control).encode(), mode=0o644)
+    write_atomic(out / "emqx-acl.conf", emqx_acl(fleet, control).encode(), mode=0o644)
+    write_atomic(out / "ca.pem", ca.trust_pem.encode(), mode=0o644)
     write_atomic(out / "server.pem", paths.server_cert.read_bytes(), mode=0o644)
     write_atomic(out / "server-key.pem", paths.server_key.read_bytes(), mode=0o600)
     write_atomic(out / "crl.pem", ca.crl_pem(now=now), mode=0o644)
-    return BrokerConfig(out, port, FILES)
+    return BrokerConfig(out, port, FILES, control, ca.rotating)
 
 
 def copy_crl(crl: Path, broker_dir: Path) -> Path:

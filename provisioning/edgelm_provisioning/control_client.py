@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import ssl
 from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from types import TracebackType
@@ -99,7 +100,10 @@ class ControlClient:
         timeout_s: float = 60.0,
         connect_timeout_s: float = 10.0,
         stream_idle_timeout_s: float = 90.0,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
+        """``ssl_context``: whom to trust for an ``https://`` control plane; None is the
+        system's store (see :mod:`edgelm_provisioning.operator_tls`)."""
         self.base_url = base_url.rstrip("/")
         self._timeout = aiohttp.ClientTimeout(total=timeout_s, sock_connect=connect_timeout_s)
         self._upload_timeout = aiohttp.ClientTimeout(
@@ -111,6 +115,7 @@ class ControlClient:
         self._session = aiohttp.ClientSession(
             headers={"Authorization": f"Bearer {token}", "User-Agent": "edgelm-fleet"},
             timeout=self._timeout,
+            connector=aiohttp.TCPConnector(ssl=ssl_context if ssl_context is not None else True),
         )
 
     async def __aenter__(self) -> ControlClient:
@@ -134,6 +139,12 @@ class ControlClient:
 
     async def post(self, path: str, body: dict[str, Any] | None = None) -> Any:
         return await self._call("POST", path, body=body if body is not None else {})
+
+    async def revoke_device(self, device_id: str, *, reason: str | None = None) -> Any:
+        """``POST /api/v1/devices/{id}/revoke``: the device's revocation, and what it did."""
+        return await self.post(
+            f"/devices/{device_id}/revoke", {} if reason is None else {"reason": reason}
+        )
 
     async def _call(
         self,

@@ -13,7 +13,12 @@
      "issued_at": 1795344276}
 
 ``tls`` is there when the fleet has a CA (:mod:`edgelm_provisioning.fleet_ca`); a bundle
-without it (made before, or for a fleet without a CA) stays valid.
+without it (made before, or for a fleet without a CA) stays valid. ``tls.ca`` is the fleet
+CA that issued the certificate, alone: during a CA rotation the new CA, so the device stops
+trusting the previous one when it enrolls the bundle. A device that made
+its own key (``edgelm agent enroll --csr``) gets a bundle issued from its request
+(``issue_device(..., csr=...)``): ``tls`` has no ``key``, the device pairs the certificate
+with the key it kept.
 
 and one inventory record ``DIR/devices/ID.json``: id, hardware class, labels, times. The
 bundle is written 0600 (it holds the broker password); the record holds no secret, so the
@@ -44,7 +49,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from edgelm_protocol.errors import InvalidId
 from edgelm_protocol.ids import ID_PATTERN, check_device_id
 from edgelm_protocol.repository.atomic_file import write_atomic
-from edgelm_provisioning.errors import AlreadyIssued, InvalidValue, NotIssued
+from edgelm_protocol.root_director import DIRECTOR_KEYS_FIELD
+from edgelm_provisioning.csr import CheckedRequest, check_csr
+from edgelm_provisioning.errors import AlreadyIssued, FleetDirError, InvalidValue, NotIssued
 from edgelm_provisioning.fleet_ca import (
     DEFAULT_CLIENT_DAYS,
     FleetCa,
@@ -55,7 +62,7 @@ from edgelm_provisioning.fleet_ca import (
 from edgelm_provisioning.fleet_dir import FleetDir
 
 BUNDLE_FORMAT = "edgelm-enrollment/1"
-HARDWARE_CLASSES = ("pi5", "jetson", "x86")
+HARDWARE_CLASSES = ("pi4", "pi5", "jetson", "x86")
 MAX_LABELS = 64
 LABEL_VALUE_MAX_CHARS = 256
 PASSWORD_BYTES = 32
@@ -168,14 +175,22 @@ class IssuedDevice:
     bundle: dict[str, Any]
     bundle_path: Path
     reissued: bool
+    #: Set when the certificate was issued for the device's own request (``--csr``).
+    request: CheckedRequest | None = None
 
     def as_dict(self) -> dict[str, Any]:
         """What the CLI prints: the record and where the bundle is; never the password."""
+        tls = self.bundle.get("tls")
         return {
             "device": self.record.as_dict(),
             "bundle": str(self.bundle_path),
             "reissued": self.reissued,
             "broker_username": self.bundle["broker"]["username"],
+            "key_in_bundle": isinstance(tls, dict) and "key" in tls,
+            "from_csr": self.request is not None,
+            "ignored_csr_extensions": []
+            if self.request is None
+            else list(self.request.ignored_extensions),
         }
 
 
@@ -252,8 +267,13 @@ def issue_device(
     reissue: bool,
     now: int,
     cert_days: int = DEFAULT_CLIENT_DAYS,
+    csr: bytes | None = None,
 ) -> IssuedDevice:
     """Issue (or, with ``reissue``, replace) a device's identity and write its bundle.
+
+    With ``csr`` (a PKCS#10 request the device made with ``edgelm agent enroll --csr``) the
+    certificate is for the request's key, checked by :func:`edgelm_provisioning.csr.check_csr`
+    before anything is written, and the bundle carries no key.
 
     A reissue makes a new broker password (the old bundle stops working once the broker's
     password file is regenerated) and keeps the device's class and labels unless new ones
@@ -263,6 +283,7 @@ def issue_device(
     """
     device_id = checked_device_id(device_id)
     check_days(cert_days)
+    request = None if csr is None else check_csr(csr, device_id)
     if hardware_class is not None:
         checked_hardware_class(hardware_class)
     if labels is not None:
@@ -314,15 +335,39 @@ def issue_device(
             issue_count=previous.issue_count + 1,
         )
     root = json.loads(fleet.require(paths.root_json, "the fleet's root.json").read_bytes())
-    director = director_public_pem(fleet.require(paths.director_key, "the director key"))
+    # After a director rotation the fleet's root names the director keys: the bundle says the
+    # same (the device would take the root's anyway), not the retired director.pem.
+    named = root.get("signed", {}).get(DIRECTOR_KEYS_FIELD) if isinstance(root, dict) else None
+    directors = (
+        [str(pem) for pem in named]
+        if isinstance(named, list) and named
+        else [director_public_pem(fleet.require(paths.director_key, "the director key"))]
+    )
     ca = FleetCa.load(paths.root) if ca_exists(paths) else None
-    tls = None if ca is None else issue_device_identity(ca, device_id, now=now, days=cert_days)
+    if ca is None and request is not None:
+        raise FleetDirError(
+            "fleet-ca-missing",
+            paths.root,
+            "the fleet has no certificate authority to sign the request with",
+            hint=f"create it with `edgelm provision ca-init --fleet-dir {paths.root}`",
+        )
+    tls = (
+        None
+        if ca is None
+        else issue_device_identity(
+            ca,
+            device_id,
+            now=now,
+            days=cert_days,
+            public_key=None if request is None else request.public_key,
+        )
+    )
     bundle = build_bundle(
         fleet,
         record,
         password=secrets.token_urlsafe(PASSWORD_BYTES),
         root=root,
-        director_keys=[director],
+        director_keys=directors,
         tls=tls,
     )
     write_atomic(out, (json.dumps(bundle, indent=2) + "\n").encode(), mode=0o600)
@@ -330,4 +375,4 @@ def issue_device(
     if ca is not None and tls is not None and previous is not None:
         serial = x509.load_pem_x509_certificate(tls["cert"].encode()).serial_number
         ca.revoke(device_id, now=now, keep=serial)
-    return IssuedDevice(record, bundle, out, reissued=previous is not None)
+    return IssuedDevice(record, bundle, out, reissued=previous is not None, request=request)

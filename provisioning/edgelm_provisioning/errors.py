@@ -9,6 +9,7 @@
     │   ├── AlreadyIssued              a device id, token name or model version exists already
     │   ├── NotIssued                  a device id or token name that was never issued
     │   ├── InvalidModelSource         not a GGUF file, not an ONNX GenAI folder, unsafe member
+    │   ├── RefusedRequest             a certificate signing request (CSR) the CA will not sign
     │   └── MissingSetting             no control-plane URL or token was given anywhere
     ├── UntrustedRepository        the control plane's TUF metadata failed verification: the
     │   │                          server is broken or attacked, and nothing was signed over it
@@ -113,6 +114,19 @@ class InvalidModelSource(OperatorError):
     def __init__(self, path: Path, message: str, *, hint: str | None = None) -> None:
         super().__init__(message, hint=hint)
         self.path = path
+
+
+class RefusedRequest(OperatorError):
+    """A certificate signing request the fleet CA will not sign. ``reason`` is the stable
+    part of the reference (``csr-<reason>``): ``malformed``, ``bad-signature``, ``wrong-cn``,
+    ``weak-key``, ``weak-hash`` or ``ca-requested``."""
+
+    reference = "csr-refused"
+
+    def __init__(self, reason: str, message: str, *, hint: str | None = None) -> None:
+        super().__init__(message, hint=hint)
+        self.reference = f"csr-{reason}"
+        self.reason = reason
 
 
 class MissingSetting(OperatorError):

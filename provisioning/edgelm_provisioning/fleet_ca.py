@@ -12,10 +12,18 @@ tls/issued.json                 stays                  every certificate issued:
 tls/crl.pem                     the broker             the CA's certificate revocation list
 broker/server.pem, -key.pem     the broker (0600 key)  the broker's server certificate
 control/tls/client.pem, -key    the control plane      its MQTT client identity, CN ``control``
-control/tls/ca.pem              the control plane      copy of tls/ca.pem
+control/tls/server.pem, -key    the control plane      its HTTPS certificate (repository, API)
+control/tls/ca.pem              the control plane      the CA it verifies the broker against
+                                                       (tls/ca.pem)
 ==============================  =====================  ==========================================
 
-Every device gets its own key and certificate (CN = device id) in its enrollment bundle.
+Every device gets its own key and certificate (CN = device id) in its enrollment bundle, or
+sends a certificate signing request for a key it made itself (:mod:`edgelm_provisioning.csr`).
+Control-plane replicas get one identity each (:mod:`edgelm_provisioning.control_identity`).
+A CA rotation (:mod:`edgelm_provisioning.ca_rotation`) keeps the previous CA beside the new one
+for an overlap period: ``keys/fleet-ca-previous.pem``, ``tls/ca-previous.pem`` and the
+cross-certificate ``tls/ca-cross.pem`` (the new CA's key, certified by the previous CA). Only
+the broker trusts both (for client certificates); a bundle carries the CA that issues, alone.
 Client certificates carry the clientAuth extended key usage only, ``CA:FALSE`` and the
 digitalSignature key usage, and a random 128-bit serial. Keys are ECDSA P-256.
 
@@ -31,6 +39,7 @@ import datetime as dt
 import ipaddress
 import json
 import secrets
+import urllib.parse
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,6 +66,7 @@ DEFAULT_SANS = ("localhost", "127.0.0.1")
 KIND_DEVICE = "device"
 KIND_CONTROL = "control"
 KIND_SERVER = "server"
+PEM_CERT_BEGIN = b"-----BEGIN CERTIFICATE-----"
 
 
 @dataclass(frozen=True)
@@ -113,6 +123,30 @@ class CaPaths:
     def control_key(self) -> Path:
         return self.control_tls_dir / "client-key.pem"
 
+    @property
+    def control_server_cert(self) -> Path:
+        return self.control_tls_dir / "server.pem"
+
+    @property
+    def control_server_key(self) -> Path:
+        return self.control_tls_dir / "server-key.pem"
+
+    def replica_dir(self, name: str) -> Path:
+        """Where the broker identity of control-plane replica ``name`` is written."""
+        return self.control_tls_dir / "replicas" / name
+
+    @property
+    def previous_ca_key(self) -> Path:
+        return self.root / "keys" / "fleet-ca-previous.pem"
+
+    @property
+    def previous_ca_cert(self) -> Path:
+        return self.tls_dir / "ca-previous.pem"
+
+    @property
+    def cross_cert(self) -> Path:
+        return self.tls_dir / "ca-cross.pem"
+
     def exists(self) -> bool:
         return self.ca_key.exists() or self.ca_cert.exists()
 
@@ -121,7 +155,8 @@ def _now(now: int) -> dt.datetime:
     return dt.datetime.fromtimestamp(now, dt.UTC)
 
 
-def _new_key() -> ec.EllipticCurvePrivateKey:
+def new_key() -> ec.EllipticCurvePrivateKey:
+    """A new ECDSA P-256 key, the kind of every identity the fleet CA issues."""
     return ec.generate_private_key(ec.SECP256R1())
 
 
@@ -135,6 +170,24 @@ def key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
 
 def cert_pem(cert: x509.Certificate) -> bytes:
     return cert.public_bytes(serialization.Encoding.PEM)
+
+
+def key_id(cert: x509.Certificate) -> str:
+    """A CA's key identifier (its SubjectKeyIdentifier, hex): which CA issued a certificate."""
+    return key_id_of(cert.public_key())
+
+
+def key_id_of(public_key: Any) -> str:
+    """The key identifier of a public key, as :func:`key_id` gives a certificate's."""
+    return x509.SubjectKeyIdentifier.from_public_key(public_key).digest.hex()
+
+
+def load_certificates(pem: bytes, what: str) -> list[x509.Certificate]:
+    """Every certificate of a PEM bundle, or ``InvalidValue`` naming ``what``."""
+    try:
+        return x509.load_pem_x509_certificates(pem)
+    except ValueError as exc:
+        raise InvalidValue(what, f"{what} is not a PEM certificate bundle: {exc}") from exc
 
 
 def random_serial() -> int:
@@ -176,13 +229,63 @@ def default_sans(config: FleetConfig) -> list[str]:
     return list(dict.fromkeys([*DEFAULT_SANS, host]))
 
 
+def _load_key(path: Path) -> ec.EllipticCurvePrivateKey:
+    key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise InvalidValue(str(path), f"{path} is not an EC private key")
+    return key
+
+
+def _require_pair(
+    paths: CaPaths,
+    key_path: Path,
+    key: ec.EllipticCurvePrivateKey,
+    cert_path: Path,
+    cert: x509.Certificate,
+    *,
+    interrupted: x509.Certificate | None = None,
+) -> None:
+    """Refuse a CA key that is not the key of the CA certificate beside it.
+
+    ``interrupted`` is the previous CA's certificate, when there is one: if it is the
+    certificate found here too, a ``ca-rotate`` stopped after writing the new key, and the
+    hint says how to go back to the intact old CA."""
+    if key_id_of(key.public_key()) == key_id(cert):
+        return
+    root = paths.root
+    if interrupted is not None and key_id(interrupted) == key_id(cert):
+        hint = (
+            f"a ca-rotate was interrupted after writing the new CA's key; the old CA is intact "
+            f"in {paths.previous_ca_key} and {paths.previous_ca_cert}: copy "
+            f"{paths.previous_ca_key} over {key_path}, then run `edgelm provision ca-rotate "
+            f"--fleet-dir {root}` again"
+        )
+    else:
+        hint = f"restore {key_path} and {cert_path} together from the fleet directory's backup"
+    raise FleetDirError(
+        "fleet-ca-key-mismatch",
+        root,
+        f"the CA key {key_path} (key id {key_id_of(key.public_key())}) is not the key of the "
+        f"CA certificate {cert_path} (key id {key_id(cert)}): refusing to issue with it",
+        hint=hint,
+    )
+
+
 @dataclass
 class FleetCa:
-    """The CA of one fleet directory, loaded: its key, certificate and register."""
+    """The CA of one fleet directory, loaded: its key, certificate and register.
+
+    During a CA rotation ``previous`` and ``previous_key`` are the CA being retired (it still
+    signs the CRL of what it issued) and ``cross`` certifies the new CA's key under it, so a
+    device that trusts only the previous CA still accepts servers the new CA certified.
+    """
 
     paths: CaPaths
     key: ec.EllipticCurvePrivateKey
     cert: x509.Certificate
+    previous: x509.Certificate | None = None
+    previous_key: ec.EllipticCurvePrivateKey | None = None
+    cross: x509.Certificate | None = None
 
     @classmethod
     def load(cls, root: Path) -> FleetCa:
@@ -195,14 +298,53 @@ class FleetCa:
                 hint=f"create it with `edgelm provision ca-init --fleet-dir {root}` "
                 "(fleets made by this version's fleet-init have one)",
             )
-        key = serialization.load_pem_private_key(paths.ca_key.read_bytes(), password=None)
-        if not isinstance(key, ec.EllipticCurvePrivateKey):
-            raise InvalidValue(str(paths.ca_key), f"{paths.ca_key} is not an EC private key")
-        return cls(paths, key, x509.load_pem_x509_certificate(paths.ca_cert.read_bytes()))
+        ca = cls(
+            paths,
+            _load_key(paths.ca_key),
+            x509.load_pem_x509_certificate(paths.ca_cert.read_bytes()),
+        )
+        previous = (
+            x509.load_pem_x509_certificate(paths.previous_ca_cert.read_bytes())
+            if paths.previous_ca_cert.exists()
+            else None
+        )
+        # A key that is not the certificate's would sign certificates nothing verifies (and
+        # a CRL the broker rejects): ca-rotate interrupted between writing the new CA's key
+        # and its certificate leaves exactly that.
+        _require_pair(paths, paths.ca_key, ca.key, paths.ca_cert, ca.cert, interrupted=previous)
+        # The same CA on both sides is a rotation interrupted before the new CA was
+        # written: no rotation yet (ca-rotate starts it again).
+        if previous is not None and key_id(previous) != key_id(ca.cert):
+            ca.previous = previous
+            ca.previous_key = _load_key(paths.previous_ca_key)
+            _require_pair(
+                paths, paths.previous_ca_key, ca.previous_key, paths.previous_ca_cert, previous
+            )
+            ca.cross = x509.load_pem_x509_certificate(paths.cross_cert.read_bytes())
+        return ca
 
     @property
     def ca_pem(self) -> str:
         return cert_pem(self.cert).decode("ascii")
+
+    @property
+    def rotating(self) -> bool:
+        """Whether a CA rotation's overlap period is on (a previous CA is still trusted)."""
+        return self.previous is not None
+
+    @property
+    def trust_pem(self) -> str:
+        """The CA certificates the broker accepts client certificates from: this CA, and
+        during a rotation the previous one. Never a device's or a client's trust anchor: the
+        previous CA's key may be why the CA rotates."""
+        previous = b"" if self.previous is None else cert_pem(self.previous)
+        return (cert_pem(self.cert) + previous).decode("ascii")
+
+    @property
+    def chain_pem(self) -> bytes:
+        """What a server sends after its own certificate: during a rotation the
+        cross-certificate, so that devices trusting only the previous CA accept it."""
+        return b"" if self.cross is None else cert_pem(self.cross)
 
     # --- the register --------------------------------------------------------------------
 
@@ -215,6 +357,14 @@ class FleetCa:
         if not isinstance(items, list):
             raise InvalidValue(str(self.paths.issued), f"{self.paths.issued} is not a register")
         return items
+
+    def mark_unmarked_issuer(self, ca: x509.Certificate) -> None:
+        """Record ``ca`` as the issuer of every entry that names none: those made before CA
+        rotations existed, all by the one CA there was."""
+        items = self.register()
+        for item in items:
+            item.setdefault("ca", key_id(ca))
+        self._save_register(items)
 
     def _save_register(self, items: list[dict[str, Any]]) -> None:
         body = json.dumps({"certificates": items}, indent=2) + "\n"
@@ -229,6 +379,7 @@ class FleetCa:
                 "kind": kind,
                 "not_after": int(cert.not_valid_after_utc.timestamp()),
                 "revoked_at": None,
+                "ca": key_id(self.cert),
             }
         )
         self._save_register(items)
@@ -271,7 +422,7 @@ class FleetCa:
         names = [check_san(s) for s in sans]
         if not names:
             raise InvalidValue("san", "the broker certificate needs at least one SAN")
-        key = _new_key()
+        key = new_key()
         first = names[0].value
         cert = (
             self._builder(str(first), key.public_key(), now, SERVER_DAYS)
@@ -307,36 +458,75 @@ class FleetCa:
             self.write_crl(now=now)
         return serials
 
-    def crl(self, *, now: int) -> x509.CertificateRevocationList:
-        """The CRL of every revoked certificate; valid until the CA itself expires, so an
-        unattended broker never starts refusing every client because its CRL went stale."""
+    def crl(
+        self,
+        *,
+        now: int,
+        issuer: tuple[x509.Certificate, ec.EllipticCurvePrivateKey] | None = None,
+    ) -> x509.CertificateRevocationList:
+        """The CRL of every revoked certificate the CA (or ``issuer``) issued; valid until
+        that CA expires, so an unattended broker never starts refusing every client because
+        its CRL went stale. An entry that does not say which CA issued it (made before CA
+        rotations existed) goes in every CRL: a serial a CA never issued is harmless there."""
+        cert, key = issuer or (self.cert, self.key)
         builder = (
             x509.CertificateRevocationListBuilder()
-            .issuer_name(self.cert.subject)
+            .issuer_name(cert.subject)
             .last_update(_now(now) - dt.timedelta(minutes=5))
-            .next_update(self.cert.not_valid_after_utc)
+            .next_update(cert.not_valid_after_utc)
             .add_extension(x509.CRLNumber(now), critical=False)
             .add_extension(
-                x509.AuthorityKeyIdentifier.from_issuer_public_key(self.key.public_key()),
+                x509.AuthorityKeyIdentifier.from_issuer_public_key(key.public_key()),
                 critical=False,
             )
         )
+        mine = key_id(cert)
         for item in self.register():
-            if item.get("revoked_at"):
+            if item.get("revoked_at") and item.get("ca", mine) == mine:
                 builder = builder.add_revoked_certificate(
                     x509.RevokedCertificateBuilder()
                     .serial_number(int(str(item["serial"]), 16))
                     .revocation_date(_now(int(item["revoked_at"])))
                     .build()
                 )
-        return builder.sign(self.key, hashes.SHA256())
+        return builder.sign(key, hashes.SHA256())
 
     def crl_pem(self, *, now: int) -> bytes:
-        return self.crl(now=now).public_bytes(serialization.Encoding.PEM)
+        """The CRL, and during a rotation the previous CA's after it (a broker's crlfile
+        holds both; OpenSSL picks each by its authority key identifier)."""
+        pem = self.crl(now=now).public_bytes(serialization.Encoding.PEM)
+        if self.previous is not None and self.previous_key is not None:
+            previous = self.crl(now=now, issuer=(self.previous, self.previous_key))
+            pem += previous.public_bytes(serialization.Encoding.PEM)
+        return pem
 
     def write_crl(self, *, now: int) -> Path:
         write_atomic(self.paths.crl, self.crl_pem(now=now), mode=0o644)
         return self.paths.crl
+
+
+def write_server_identity(
+    ca: FleetCa, sans: Iterable[str], cert_path: Path, key_path: Path, *, now: int
+) -> x509.Certificate:
+    """Issue a TLS server certificate for ``sans``; write it (with the CA's chain, see
+    :attr:`FleetCa.chain_pem`) and its key (0600)."""
+    key, cert = ca.issue_server(sans, now=now)
+    write_atomic(key_path, key, mode=0o600)
+    write_atomic(cert_path, cert_pem(cert) + ca.chain_pem, mode=0o644)
+    return cert
+
+
+def server_sans(cert_path: Path) -> list[str]:
+    """The SANs of a server certificate written before (to issue its successor)."""
+    cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+    names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    return [str(n.value) for n in names]
+
+
+def control_sans(config: FleetConfig) -> list[str]:
+    """localhost, 127.0.0.1 and the control URL's host: the control plane's HTTPS names."""
+    host = urllib.parse.urlsplit(config.control_url).hostname or "localhost"
+    return list(dict.fromkeys([*DEFAULT_SANS, host]))
 
 
 def _digital_signature() -> x509.KeyUsage:
@@ -350,6 +540,43 @@ def _digital_signature() -> x509.KeyUsage:
         crl_sign=False,
         encipher_only=False,
         decipher_only=False,
+    )
+
+
+def ca_builder(
+    name: x509.Name,
+    public_key: ec.EllipticCurvePublicKey,
+    *,
+    now: int,
+    not_after: dt.datetime | None = None,
+) -> x509.CertificateBuilder:
+    """A fleet CA certificate for ``public_key``, unsigned, issued by ``name`` itself: CA,
+    path length 0 (it issues leaves only), keyCertSign and cRLSign, valid ``CA_DAYS`` (or
+    until ``not_after``)."""
+    return (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(public_key)
+        .serial_number(random_serial())
+        .not_valid_before(_now(now) - dt.timedelta(minutes=5))
+        .not_valid_after(not_after or _now(now) + dt.timedelta(days=CA_DAYS))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=False,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
     )
 
 
@@ -367,41 +594,17 @@ def create_ca(
             "fleet-ca",
             str(root),
             f"{root} has a certificate authority already; refusing to replace it",
-            hint="a new CA would lock out every device; see docs/fleet.md on CA rotation",
+            hint="a new CA would lock out every device: rotate it with an overlap period "
+            "instead (`edgelm provision ca-rotate`, docs/fleet.md)",
         )
-    key = _new_key()
+    key = new_key()
     name = x509.Name(
         [
             x509.NameAttribute(NameOID.ORGANIZATION_NAME, "edgelm"),
             x509.NameAttribute(NameOID.COMMON_NAME, f"edgelm fleet {config.fleet} CA"),
         ]
     )
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(random_serial())
-        .not_valid_before(_now(now) - dt.timedelta(minutes=5))
-        .not_valid_after(_now(now) + dt.timedelta(days=CA_DAYS))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=False,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-        .sign(key, hashes.SHA256())
-    )
+    cert = ca_builder(name, key.public_key(), now=now).sign(key, hashes.SHA256())
     for folder in (paths.ca_key.parent, paths.tls_dir, paths.broker_dir, paths.control_tls_dir):
         folder.mkdir(mode=0o700, parents=True, exist_ok=True)
         folder.chmod(0o700)
@@ -410,12 +613,17 @@ def create_ca(
     write_atomic(paths.ca_cert, cert_pem(cert), mode=0o644)
     ca = FleetCa(paths, key, cert)
     ca._save_register([])
-    server_key, server_cert = ca.issue_server(
-        sans if sans is not None else default_sans(config), now=now
+    write_server_identity(
+        ca,
+        sans if sans is not None else default_sans(config),
+        paths.server_cert,
+        paths.server_key,
+        now=now,
     )
-    write_atomic(paths.server_key, server_key, mode=0o600)
-    write_atomic(paths.server_cert, cert_pem(server_cert), mode=0o644)
-    control_key = _new_key()
+    write_server_identity(
+        ca, control_sans(config), paths.control_server_cert, paths.control_server_key, now=now
+    )
+    control_key = new_key()
     control_cert = ca.issue_client(
         CONTROL_CN,
         kind=KIND_CONTROL,
@@ -431,9 +639,18 @@ def create_ca(
 
 
 def issue_device_identity(
-    ca: FleetCa, device_id: str, *, now: int, days: int = DEFAULT_CLIENT_DAYS
+    ca: FleetCa,
+    device_id: str,
+    *,
+    now: int,
+    days: int = DEFAULT_CLIENT_DAYS,
+    public_key: ec.EllipticCurvePublicKey | None = None,
 ) -> dict[str, str]:
-    """A new key and certificate for a device, as the bundle's ``tls`` object.
+    """A device's certificate, as the bundle's ``tls`` object: ``ca`` (the CA that issued it,
+    alone: during a CA rotation the device drops the previous CA when it enrolls this bundle),
+    ``cert``, and ``key`` when the key is made here. With ``public_key`` (from a request the
+    device made, checked by :func:`edgelm_provisioning.csr.check_csr`) there is no ``key``:
+    it never left the device.
 
     ``device_id`` must have passed :func:`edgelm_protocol.ids.check_device_id` (the caller's
     job); it is checked again here so that no code path makes a wildcard identity.
@@ -441,15 +658,21 @@ def issue_device_identity(
     from edgelm_provisioning.enrollment import checked_device_id
 
     checked_device_id(device_id)
-    key = _new_key()
+    key = new_key() if public_key is None else None
     cert = ca.issue_client(
-        device_id, kind=KIND_DEVICE, now=now, days=days, public_key=key.public_key()
+        device_id,
+        kind=KIND_DEVICE,
+        now=now,
+        days=days,
+        public_key=public_key if key is None else key.public_key(),
     )
-    return {
-        "ca": ca.ca_pem,
-        "cert": cert_pem(cert).decode("ascii"),
-        "key": key_pem(key).decode("ascii"),
-    }
+    # The new CA alone, even during the overlap: the broker's and the control plane's server
+    # certificates are the new CA's from ca-rotate on, and trusting the previous CA too
+    # would let its key (perhaps leaked: the reason to rotate) pose as either.
+    tls = {"ca": ca.ca_pem, "cert": cert_pem(cert).decode("ascii")}
+    if key is not None:
+        tls["key"] = key_pem(key).decode("ascii")
+    return tls
 
 
 def revoke_device(root: Path, device_id: str, *, now: int) -> tuple[list[str], Path]:

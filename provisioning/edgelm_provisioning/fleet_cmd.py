@@ -28,6 +28,7 @@ from edgelm_provisioning.fleet_output import (
     rows_table,
 )
 from edgelm_provisioning.fleet_rollouts_cmd import rollouts
+from edgelm_provisioning.key_rotation_cmd import keys
 from edgelm_provisioning.operator_cli import (
     Operator,
     connection_options,
@@ -51,6 +52,7 @@ def fleet() -> None:
 
 fleet.add_command(models)
 fleet.add_command(rollouts)
+fleet.add_command(keys)
 
 
 # --- devices -----------------------------------------------------------------------------------
@@ -107,6 +109,49 @@ def devices_show_cmd(
     operator = Operator.connect(control=control, token=token, fleet_dir=fleet_dir, as_json=as_json)
     device = operator.get(f"/devices/{device_id}")
     operator.emit(device, lambda: out_console().print(device_detail(device)))
+
+
+@devices.command("revoke")
+@click.argument("device_id", metavar="ID")
+@click.option("--reason", metavar="TEXT", help="Why, for the record (shown with the device).")
+@connection_options
+def devices_revoke_cmd(
+    device_id: str,
+    reason: str | None,
+    control: str | None,
+    token: str | None,
+    fleet_dir: Path | None,
+    as_json: bool,
+) -> None:
+    """Revoke device ID in the control plane, for good.
+
+    Everything it sends is refused from now on (`device_revoked`), including what the broker
+    queued before; it leaves its rollouts (`revoked`), its remote jobs without a result are
+    cancelled, and its retained desired state is deleted. A revoked id never comes back:
+    enroll the hardware under a new id. `edgelm provision revoke` runs this after the CRL.
+    Running it again changes nothing.
+    """
+    device_id = checked_device_id(device_id)
+    operator = Operator.connect(control=control, token=token, fleet_dir=fleet_dir, as_json=as_json)
+    answer = operator.call(lambda client: client.revoke_device(device_id, reason=reason))
+    operator.emit(answer, lambda: err_console.print(revocation_summary(answer)))
+
+
+def revocation_summary(answer: Any) -> str:
+    """One line about the control plane's answer to a revocation, for a person."""
+    if not isinstance(answer, dict):
+        return "the control plane answered the revocation with no details"
+    device = answer.get("device", "?")
+    if not answer.get("created"):
+        return f"{device} was revoked before, at {answer.get('revoked_at')}; nothing changed"
+    left = answer.get("rollouts") or []
+    cancelled = answer.get("jobs_cancelled") or []
+    cleared = "withdrawn" if answer.get("desired_cleared") else "none held"
+    return (
+        f"revoked {device} in the control plane: everything it sends is refused; "
+        f"left {len(left)} rollout(s), {len(cancelled)} remote job(s) cancelled, "
+        f"desired state {cleared}"
+    )
 
 
 # --- remote jobs -------------------------------------------------------------------------------

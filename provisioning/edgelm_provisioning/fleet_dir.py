@@ -153,13 +153,15 @@ def _split_url(url: str, param: str, schemes: tuple[str, ...]) -> urllib.parse.S
 def listen_address(control_url: str) -> str:
     """Where the control plane listens (``http`` in control.toml) for its public URL.
 
-    * ``http://`` with an explicit port: that port, on the URL's host when it is a loopback
-      address (a one-machine setup), else on every interface (devices connect directly);
-    * ``https://`` or no explicit port: :data:`PROXIED_LISTEN`, behind a reverse proxy that
-      terminates TLS and answers the public URL (the control plane speaks plain HTTP).
+    * ``http://`` or ``https://`` with an explicit port: that port, on the URL's host when it
+      is a loopback address (a one-machine setup), else on every interface (devices connect
+      directly; for ``https://`` the control plane serves TLS itself, see
+      :func:`serves_tls`);
+    * no explicit port: :data:`PROXIED_LISTEN`, behind a reverse proxy that answers the
+      public URL (and for ``https://`` terminates TLS, with the certificate fleet-init made).
     """
     parts = urllib.parse.urlsplit(control_url)
-    if parts.scheme != "http" or parts.port is None or parts.hostname is None:
+    if parts.port is None or parts.hostname is None:
         return PROXIED_LISTEN
     host = parts.hostname
     try:
@@ -169,6 +171,12 @@ def listen_address(control_url: str) -> str:
     if not loopback:
         return f"0.0.0.0:{parts.port}"
     return f"[{host}]:{parts.port}" if ":" in host else f"{host}:{parts.port}"
+
+
+def serves_tls(control_url: str) -> bool:
+    """Whether the control plane serves HTTPS itself: an ``https://`` URL with a port."""
+    parts = urllib.parse.urlsplit(control_url)
+    return parts.scheme == "https" and parts.port is not None
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ keys/fleet-ca.pem        stays (offline)             issue device, broker and co
                                                      certificates (mutual TLS on the broker)
 broker/server-key.pem    the broker                  be the broker to devices
 control/tls/client-*     the control-plane server    connect to the broker as ``control``
+control/tls/server-*     the control-plane server    be the control plane (HTTPS) to devices
 =======================  ==========================  =========================================
 
 The CA (:mod:`edgelm_provisioning.fleet_ca`) is made with the rest; a fleet made before it
@@ -48,7 +49,7 @@ from edgelm_protocol.repository.atomic_file import fsync_dir, write_atomic
 from edgelm_protocol.repository.writer import RepositoryWriter, generate_key
 from edgelm_provisioning.errors import FleetDirError, InvalidValue
 from edgelm_provisioning.fleet_ca import create_ca
-from edgelm_provisioning.fleet_dir import FleetConfig, FleetPaths, listen_address
+from edgelm_provisioning.fleet_dir import FleetConfig, FleetPaths, listen_address, serves_tls
 from edgelm_provisioning.tokens import OPERATOR, TokenFile
 from edgelm_provisioning.toml_file import dump_toml
 
@@ -149,6 +150,15 @@ CA_FILES = (
         True,
     ),
     CreatedFile("control/tls/ca.pem", "fleet CA certificate", Destination.SERVER, False),
+    CreatedFile(
+        "control/tls/server.pem",
+        "control plane's HTTPS certificate (repository, API)",
+        Destination.SERVER,
+        False,
+    ),
+    CreatedFile(
+        "control/tls/server-key.pem", "control plane's HTTPS key", Destination.SERVER, True
+    ),
 )
 
 
@@ -257,6 +267,7 @@ TLS_TOML_KEYS = {
     "broker_key": "tls/client-key.pem",
 }
 _TLS_COMMENT = "mutual TLS with the broker (mqtts://): the fleet CA and the identity `control`"
+HTTPS_TOML_KEYS = {"http_tls_cert": "tls/server.pem", "http_tls_key": "tls/server-key.pem"}
 
 
 def control_toml(config: FleetConfig) -> str:
@@ -273,16 +284,18 @@ def control_toml(config: FleetConfig) -> str:
             "keys_dir": "keys",
             "tokens_file": "tokens.json",
             **TLS_TOML_KEYS,
+            **(HTTPS_TOML_KEYS if serves_tls(config.control_url) else {}),
         },
         comments={
             "fleet": "written by `edgelm provision fleet-init`; relative paths are relative "
             "to this file's folder",
-            "http": "HOST:PORT to listen on. For an https:// public URL or one without a port "
-            "a reverse proxy is assumed in front (TLS ends there)",
+            "http": "HOST:PORT to listen on. For a public URL without a port a reverse proxy "
+            "is assumed in front (for https://, TLS ends there)",
             "public_url": "how devices reach this server; the repository is public_url + "
             "/repository",
             "db": "or postgresql://user@host/db",
             "broker_ca": _TLS_COMMENT,
+            "http_tls_cert": "HTTPS with the certificate the fleet CA issued for public_url's host",
         },
     )
 

@@ -17,8 +17,10 @@ import click
 from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
 
 from edgelm_cli.groups import SuggestingGroup
-from edgelm_protocol.targets import MIN_CONTEXT_LENGTH
-from edgelm_provisioning.errors import MissingSetting
+from edgelm_protocol.errors import TargetRefused
+from edgelm_protocol.preset_files import presets_from_document
+from edgelm_protocol.targets import GENERATION, MIN_CONTEXT_LENGTH, ROLES
+from edgelm_provisioning.errors import InvalidValue, MissingSetting
 from edgelm_provisioning.fleet_output import MODEL_COLUMNS, rows_table
 from edgelm_provisioning.model_publisher import ModelPublisher, PushPlan
 from edgelm_provisioning.model_source import prepare_model
@@ -73,6 +75,20 @@ def _bar(enabled: bool, description: str) -> Iterator[Callable[[int, int], None]
     type=click.IntRange(min=0),
     help="Bytes of RAM a device needs to run it. [default: 1.2 x the model's files]",
 )
+@click.option(
+    "--role",
+    type=click.Choice(ROLES),
+    default=GENERATION,
+    show_default=True,
+    help="What the model is for: chat and completions, or /v1/embeddings (a GGUF file).",
+)
+@click.option(
+    "--presets",
+    "presets_file",
+    type=click.Path(path_type=Path, exists=True, dir_okay=False),
+    help="Prompt presets to sign with the model: a .toml or .json file (see docs/fleet.md). "
+    "A changed preset is a new --version.",
+)
 @connection_options
 def push_cmd(
     source: Path,
@@ -81,6 +97,8 @@ def push_cmd(
     context_length: int,
     quantization: str,
     min_ram_bytes: int | None,
+    role: str,
+    presets_file: Path | None,
     control: str | None,
     token: str | None,
     fleet_dir: Path | None,
@@ -97,6 +115,7 @@ def push_cmd(
             "fleet_dir",
             "models push needs --fleet-dir: the targets key that signs models is there",
         )
+    presets = read_presets_file(presets_file) if presets_file is not None else None
     operator = Operator.connect(control=control, token=token, fleet_dir=fleet_dir, as_json=as_json)
     assert operator.fleet is not None
     publisher = ModelPublisher(operator.fleet, operator.settings.control_url)
@@ -112,6 +131,8 @@ def push_cmd(
         context_length=context_length,
         quantization=quantization,
         min_ram_bytes=min_ram_bytes,
+        role=role,
+        presets=presets,
     )
     plan = publisher.sign(verified, prepared, settings, now=datetime.datetime.now(datetime.UTC))
     if plan.metadata is None:
@@ -137,14 +158,38 @@ def push_cmd(
     )
 
 
+def read_presets_file(path: Path) -> dict[str, Any]:
+    """A presets file as the signed ``presets`` object; checked before anything is hashed or
+    fetched, with the same reader as ``edgelm models import --presets``."""
+    try:
+        return presets_from_document(path.read_bytes(), suffix=path.suffix)
+    except OSError as exc:
+        raise InvalidValue("presets", f"cannot read {path}: {exc.strerror}") from exc
+    except TargetRefused as exc:
+        raise InvalidValue(
+            "presets",
+            f"{path}: {exc}",
+            hint="a presets file has one table per preset name; see 'Prompt presets' in "
+            "docs/fleet.md",
+        ) from exc
+
+
 def _report(operator: Operator, plan: PushPlan, answer: Any, line: str) -> None:
     data = {**plan.as_dict(), "control_plane": answer}
 
     def human() -> None:
         err_console.print(line)
+        ref = plan.target.model.ref
+        if plan.target.model.role != GENERATION:
+            # A rollout makes a model the one that chats; an embedding model is served
+            # beside it, as the device's embedding_model setting.
+            err_console.print(
+                f"  serve it: edgelm models install {ref} on a device, then set "
+                f"embedding_model = {ref!r} in its configuration"
+            )
+            return
         err_console.print(
-            f"  roll it out: edgelm fleet rollouts create --model "
-            f"{plan.target.model.ref} --all --canary 10%"
+            f"  roll it out: edgelm fleet rollouts create --model {ref} --all --canary 10%"
         )
 
     operator.emit(data, human)

@@ -65,7 +65,7 @@ def rows_table(
 
 def _cell(row: Mapping[str, Any], key: str) -> str:
     value = row.get(key)
-    if key in ("last_seen", "created_at", "updated_at", "issued_at", "ts_ms", "at"):
+    if key in ("last_seen", "created_at", "updated_at", "issued_at", "ts_ms", "at", "revoked_at"):
         return when(value)
     if key in ("active_model", "active", "previous", "model"):
         return model_ref(value)
@@ -110,6 +110,7 @@ DEVICE_COLUMNS = (
     ("agent_version", "agent"),
     ("active_model", "active model"),
     ("applied_sequence", "seq"),
+    ("revoked_at", "revoked"),
 )
 MODEL_COLUMNS = (
     ("name", "name"),

@@ -20,7 +20,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from securesystemslib.signer import Signer
 from tuf.api.metadata import Metadata, Targets
 from tuf.ngclient import FetcherInterface
 
@@ -28,6 +27,7 @@ from edgelm_protocol.repository.writer import load_key
 from edgelm_provisioning.control_client import ControlClient
 from edgelm_provisioning.errors import ControlProtocolError
 from edgelm_provisioning.fleet_dir import FleetDir
+from edgelm_provisioning.fleet_keys import held_keys
 from edgelm_provisioning.model_source import PreparedModel
 from edgelm_provisioning.repository_check import (
     VerifiedRepository,
@@ -79,12 +79,21 @@ class ModelPublisher:
         self.fleet = fleet
         self.control_url = control_url
         self._fetcher = fetcher
-        key_path = fleet.require(fleet.paths.targets_key, "the offline targets key")
-        self._key_path = key_path
-        self._signer: Signer = load_key(key_path)
+        # After a targets-key rotation DIR/keys holds targets-0.pem, targets-1.pem ...: the
+        # one to sign with is the one the verified root lists (see verify).
+        self._keys = held_keys(fleet.paths.keys_dir, Targets.type)
+        if not self._keys:
+            fleet.require(fleet.paths.targets_key, "the offline targets key")  # raises
+            self._keys = [(fleet.paths.targets_key, load_key(fleet.paths.targets_key))]
+        self._key_path, self._signer = self._keys[-1]
 
     def verify(self) -> VerifiedRepository:
         verified = verify_repository(self.fleet.paths, self.control_url, fetcher=self._fetcher)
+        listed = verified.root.signed.roles[Targets.type].keyids
+        self._key_path, self._signer = next(
+            ((p, s) for p, s in reversed(self._keys) if s.public_key.keyid in listed),
+            self._keys[-1],
+        )
         check_targets_key(verified.root.signed, self._signer, self._key_path)
         return verified
 

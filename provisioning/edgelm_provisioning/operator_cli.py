@@ -39,6 +39,7 @@ from edgelm_provisioning.errors import (
     ProvisioningError,
 )
 from edgelm_provisioning.fleet_dir import FleetDir
+from edgelm_provisioning.operator_tls import fleet_ssl_context
 from edgelm_provisioning.settings import OperatorSettings, resolve_settings
 
 EXIT_OK = 0
@@ -139,7 +140,11 @@ class Operator:
         """Run ``action`` with a client for this command's control plane."""
 
         async def go() -> T:
-            async with ControlClient(self.settings.control_url, self.settings.token) as client:
+            async with ControlClient(
+                self.settings.control_url,
+                self.settings.token,
+                ssl_context=fleet_ssl_context(self.fleet.paths.root if self.fleet else None),
+            ) as client:
                 return await action(client)
 
         return asyncio.run(go())

@@ -8,8 +8,11 @@ to its one device. What never does: ``DIR/keys/`` (the offline root and targets 
 
 from __future__ import annotations
 
+import asyncio
+import shlex
 import time
 from pathlib import Path
+from typing import Any
 
 import click
 from rich.table import Table
@@ -17,11 +20,23 @@ from rich.table import Table
 from edgelm_cli.groups import SuggestingGroup
 from edgelm_protocol.repository.atomic_file import write_atomic
 from edgelm_provisioning.broker_config import copy_crl, write_broker_config
-from edgelm_provisioning.enrollment import HARDWARE_CLASSES, issue_device, labels_from_cli
-from edgelm_provisioning.fleet_ca import DEFAULT_CLIENT_DAYS, revoke_device
+from edgelm_provisioning.ca_cmd import ca_rotate_cmd, control_identity_cmd
+from edgelm_provisioning.control_client import ControlClient
+from edgelm_provisioning.enrollment import (
+    HARDWARE_CLASSES,
+    checked_device_id,
+    issue_device,
+    labels_from_cli,
+)
+from edgelm_provisioning.errors import NotIssued, ProvisioningError
+from edgelm_provisioning.fleet_ca import DEFAULT_CLIENT_DAYS, FleetCa, revoke_device
+from edgelm_provisioning.fleet_cmd import revocation_summary
 from edgelm_provisioning.fleet_dir import DEFAULT_BROKER_URL, DEFAULT_CONTROL_URL, FleetDir
 from edgelm_provisioning.fleet_init import Destination, FleetInitResult, add_ca, init_fleet
+from edgelm_provisioning.key_rotation_cmd import rotate_keys_cmd
 from edgelm_provisioning.operator_cli import emit, err_console, json_option, out_console, translated
+from edgelm_provisioning.operator_tls import fleet_ssl_context
+from edgelm_provisioning.settings import resolve_settings
 from edgelm_provisioning.tokens import OPERATOR, TokenFile
 
 _FLEET_DIR = click.option(
@@ -172,6 +187,12 @@ def _show_fleet(result: FleetInitResult) -> None:
     show_default=True,
     help="How long the device's TLS certificate is valid.",
 )
+@click.option(
+    "--csr",
+    type=click.Path(path_type=Path, dir_okay=False, exists=True),
+    help="Sign this certificate signing request, made on the device with `edgelm agent "
+    "enroll --csr`: the bundle then carries the certificate but no key.",
+)
 @json_option
 @translated
 def device_cmd(
@@ -182,12 +203,15 @@ def device_cmd(
     out: Path,
     reissue: bool,
     cert_days: int,
+    csr: Path | None,
     as_json: bool,
 ) -> None:
     """Issue device ID: write its enrollment bundle (with its broker credentials) to --out.
 
     The bundle holds the device's broker password: give it to that device only. The
-    inventory record DIR/devices/ID.json holds no secret.
+    inventory record DIR/devices/ID.json holds no secret. With --csr the device's TLS key
+    never leaves it: the request's key is certified (CN ID, clientAuth only), nothing else
+    the request asks for.
     """
     fleet = FleetDir.open(fleet_dir)
     issued = issue_device(
@@ -199,6 +223,7 @@ def device_cmd(
         reissue=reissue,
         now=int(time.time()),
         cert_days=cert_days,
+        csr=None if csr is None else csr.read_bytes(),
     )
 
     def human() -> None:
@@ -214,6 +239,11 @@ def device_cmd(
         )
         if issued.reissued:
             err_console.print("  the previous bundle's credentials are replaced")
+        if issued.request is not None:
+            ignored = ", ".join(issued.request.ignored_extensions)
+            err_console.print("  certificate for the device's own key (no key in the bundle)")
+            if ignored:
+                err_console.print(f"  extensions the request asked for, not granted: {ignored}")
         err_console.print(f"  on the device: edgelm agent enroll {out.name} --state-dir DIR")
 
     emit(issued.as_dict(), as_json=as_json, human=human)
@@ -283,30 +313,129 @@ def broker_config_cmd(
     type=click.Path(path_type=Path, file_okay=False, exists=True),
     help="Also write the new CRL into this folder made by `broker-config`.",
 )
+@click.option("--reason", metavar="TEXT", help="Why, for the control plane's record.")
+@click.option(
+    "--control",
+    metavar="URL",
+    help="The control plane to tell. [default: $EDGELM_CONTROL_URL, else fleet.toml's control_url]",
+)
+@click.option(
+    "--token",
+    metavar="TOKEN",
+    help="Operator bearer token. [default: $EDGELM_CONTROL_TOKEN, else DIR/operator-token]",
+)
 @json_option
 @translated
-def revoke_cmd(device_id: str, fleet_dir: Path, broker_dir: Path | None, as_json: bool) -> None:
-    """Revoke device ID's certificates: add them to the fleet's CRL (DIR/tls/crl.pem).
+def revoke_cmd(
+    device_id: str,
+    fleet_dir: Path,
+    broker_dir: Path | None,
+    reason: str | None,
+    control: str | None,
+    token: str | None,
+    as_json: bool,
+) -> None:
+    """Revoke device ID: add its certificates to the fleet's CRL (DIR/tls/crl.pem), then tell
+    the control plane, which refuses everything the device sends from then on (what the broker
+    queued before too), takes it out of its rollouts, cancels its remote jobs and deletes its
+    retained desired state.
 
     Copy the CRL to the broker (or give --broker-dir) and send Mosquitto SIGHUP: from then on
-    the broker refuses the device's TLS handshake.
+    the broker refuses the device's TLS handshake. When the control plane cannot be reached,
+    the CRL is still written and the command to run later is printed (exit status 0; with
+    --json, control_plane.revoked is false). Running it again for a revoked device tells the
+    control plane again. A revoked id never comes back: enroll the hardware under a new id.
     """
     fleet = FleetDir.open(fleet_dir)
-    serials, crl = revoke_device(fleet.paths.root, device_id, now=int(time.time()))
+    device_id = checked_device_id(device_id)
+    serials, crl = _revoke_certificates(fleet, device_id, now=int(time.time()))
     copied = copy_crl(crl, broker_dir) if broker_dir is not None else None
+    told = _tell_control_plane(
+        fleet, device_id, reason=reason, control=control, token=token, fleet_dir=fleet_dir
+    )
     data = {
         "device": device_id,
         "revoked_serials": serials,
         "crl": str(crl),
         "broker_crl": None if copied is None else str(copied),
+        "control_plane": told,
     }
 
     def human() -> None:
-        err_console.print(f"revoked {len(serials)} certificate(s) of [bold]{device_id}[/]")
+        if serials:
+            err_console.print(f"revoked {len(serials)} certificate(s) of [bold]{device_id}[/]")
+        else:
+            err_console.print(f"the certificates of [bold]{device_id}[/] were revoked before")
         err_console.print(f"  CRL {copied or crl}")
         err_console.print("  then reload the broker: kill -HUP <mosquitto pid>")
+        if told["revoked"]:
+            err_console.print(f"  {revocation_summary(told['answer'])}")
+            return
+        err_console.print(
+            f"  [yellow]the control plane was not told[/] ({told['error']['message']}); "
+            "until it is, it stores what the device sent. Once it is up, run:"
+        )
+        click.echo(f"    {told['command']}", err=True)  # unwrapped, to copy as it is
 
     emit(data, as_json=as_json, human=human)
+
+
+def _revoke_certificates(fleet: FleetDir, device_id: str, *, now: int) -> tuple[list[str], Path]:
+    """Revoke the device's certificates; for a device whose certificates are all revoked
+    already (a second run, say after the control plane was away), none and the CRL."""
+    try:
+        return revoke_device(fleet.paths.root, device_id, now=now)
+    except NotIssued:
+        ca = FleetCa.load(fleet.paths.root)
+        if any(i.get("cn") == device_id and i.get("revoked_at") for i in ca.register()):
+            return [], ca.paths.crl
+        raise
+
+
+def _tell_control_plane(
+    fleet: FleetDir,
+    device_id: str,
+    *,
+    reason: str | None,
+    control: str | None,
+    token: str | None,
+    fleet_dir: Path,
+) -> dict[str, Any]:
+    """Revoke the device in the control plane; when that fails, what failed and the
+    ``edgelm fleet devices revoke`` command that does it later (never with the token)."""
+    command = ["edgelm", "fleet", "devices", "revoke", device_id]
+    command += ["--fleet-dir", str(fleet_dir.absolute())]
+    if reason is not None:
+        command += ["--reason", reason]
+    if control is not None:
+        command += ["--control", control]
+    url: str | None = None
+    try:
+        settings = resolve_settings(control=control, token=token, fleet_dir=fleet.paths.root)
+        url = settings.control_url
+
+        async def call() -> Any:
+            async with ControlClient(
+                settings.control_url,
+                settings.token,
+                ssl_context=fleet_ssl_context(fleet.paths.root),
+            ) as client:
+                return await client.revoke_device(device_id, reason=reason)
+
+        answer = asyncio.run(call())
+    except ProvisioningError as exc:
+        return {
+            "revoked": False,
+            "url": url,
+            "error": {"reference": exc.reference, "message": exc.message},
+            "command": shlex.join(command),
+        }
+    return {"revoked": True, "url": url, "answer": answer}
+
+
+provision.add_command(ca_rotate_cmd)
+provision.add_command(control_identity_cmd)
+provision.add_command(rotate_keys_cmd)
 
 
 @provision.group("token", cls=SuggestingGroup)

@@ -31,6 +31,7 @@ from edgelm_provisioning.errors import (
     RepositorySignatureError,
 )
 from edgelm_provisioning.fleet_dir import FleetPaths
+from edgelm_provisioning.operator_tls import FleetTrustFetcher, fleet_ssl_context
 
 
 @dataclass(frozen=True)
@@ -125,7 +126,7 @@ def verify_repository(
         updater = Updater(
             str(cache),
             url,
-            fetcher=fetcher or Urllib3Fetcher(socket_timeout=limits.socket_timeout_s),
+            fetcher=fetcher or _fetcher(paths, limits),
             config=limits.updater_config(),
             bootstrap=paths.root_json.read_bytes(),
         )
@@ -133,6 +134,14 @@ def verify_repository(
     except (tuf_exceptions.RepositoryError, tuf_exceptions.DownloadError, ValueError) as exc:
         raise translate(exc, url) from exc
     return _load_verified(cache)
+
+
+def _fetcher(paths: FleetPaths, limits: MetadataLimits) -> FetcherInterface:
+    """The fleet CA's trust when the fleet has one (as the devices do), else the system's."""
+    context = fleet_ssl_context(paths.root)
+    if context is None:
+        return Urllib3Fetcher(socket_timeout=limits.socket_timeout_s)
+    return FleetTrustFetcher(context, socket_timeout_s=limits.socket_timeout_s)
 
 
 def _load_verified(cache: Path) -> VerifiedRepository:

@@ -25,8 +25,10 @@ from tuf.api.metadata import Metadata, Root, TargetFile, Targets
 from tuf.api.serialization.json import JSONSerializer
 
 from edgelm_protocol.errors import TargetRefused
+from edgelm_protocol.presets import parse_presets, presets_custom
 from edgelm_protocol.targets import (
     BACKEND_FOR_FORMAT,
+    GENERATION,
     ModelTarget,
     check_name,
     check_version,
@@ -54,6 +56,9 @@ class ModelSettings:
     quantization: str = "unknown"
     min_ram_bytes: int | None = None  # None: estimated from the files' size
     chat_template: str | None = None
+    role: str = GENERATION  # or "embedding": served at /v1/embeddings
+    #: Prompt presets signed with the model (edgelm_protocol.presets' signed form).
+    presets: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -94,6 +99,17 @@ def new_target(prepared: PreparedModel, settings: ModelSettings) -> NewTarget:
             "health_check": {},
         }
     }
+    if settings.role != GENERATION:  # absent means generation: older targets sign the same
+        custom["edgelm"]["role"] = settings.role
+    if settings.presets:
+        try:
+            presets = parse_presets(
+                settings.presets, "--presets", context_length=settings.context_length
+            )
+        except TargetRefused as exc:
+            raise InvalidValue("presets", str(exc)) from exc
+        # The canonical form: what every device parses back, byte for byte.
+        custom["edgelm"]["presets"] = presets_custom(presets)
     hashes = {"sha256": prepared.sha256}
     try:
         model = parse_model_target(path, prepared.length, hashes, custom)

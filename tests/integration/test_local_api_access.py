@@ -90,15 +90,21 @@ class TestSocketGroup:
 
 class TestAdminOverHttp:
     def test_admin_needs_the_admin_token_and_generation_the_normal_one(self, start_agent):
-        """The api_token lets a kiosk app chat and read, not change the registry; the
-        admin_token does both; the socket needs neither."""
+        """The api_token lets a kiosk app chat and read, not change the registry (403); no
+        token or a wrong one is a 401 there too; the admin_token does both; the socket needs
+        neither."""
         agent = start_agent(env={"EDGELM_API_TOKEN": USER, "EDGELM_ADMIN_TOKEN": ADMIN})
-        for token in (USER, None, "wrong"):
-            status, _, body = http_call(agent, "POST", "/v1/registry/gc", token=token)
-            assert status == 403, body
-            assert body["error"]["code"] == "admin_required"
+        status, _, body = http_call(agent, "POST", "/v1/registry/gc", token=USER)
+        assert status == 403, body  # a known client that may not
+        assert body["error"]["code"] == "admin_required"
+        assert "admin_token" in body["error"]["message"]
+        assert "Unix socket" in body["error"]["message"]
+        for token in (None, "wrong"):  # no valid token at all: 401, as on every route
+            status, headers, body = http_call(agent, "POST", "/v1/registry/gc", token=token)
+            assert status == 401, body
+            assert body["error"]["code"] == "invalid_api_key"
             assert "admin_token" in body["error"]["message"]
-            assert "Unix socket" in body["error"]["message"]
+            assert headers["WWW-Authenticate"].startswith("Bearer")
         status, _, body = http_call(
             agent, "POST", "/v1/registry/pin", {"model": "tiny-llama@x"}, token=USER
         )

@@ -8,8 +8,15 @@ partition, often, on devices) is tightened where it points.
 from __future__ import annotations
 
 import os
+import shutil
 import stat
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
+
+import pytest
 
 from tests.agent_process import TINY_GGUF, AgentProcess
 
@@ -87,3 +94,60 @@ class TestStateDirectory:
             assert_closed_to_others(real)
         finally:
             agent.stop()
+
+
+_AS_NOBODY = """
+import sys
+from pathlib import Path
+import structlog
+from edgelm_agent.state_dir import prepare_state_dir
+structlog.configure(processors=[structlog.processors.JSONRenderer()])
+prepare_state_dir(Path(sys.argv[1]))
+print("prepared")
+"""
+NOBODY = 65534
+
+
+@pytest.fixture
+def crossable_tmp() -> Iterator[Path]:
+    """A folder any user can reach: pytest's tmp_path sits under a 0700 folder of root's."""
+    outer = Path(tempfile.mkdtemp(prefix="edgelm-perm-", dir="/tmp"))
+    outer.chmod(0o755)
+    yield outer
+    shutil.rmtree(outer, ignore_errors=True)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to give files to another user")
+class TestSomeoneElsesFile:
+    def test_a_file_the_agent_does_not_own_is_reported_and_the_start_goes_on(
+        self, crossable_tmp: Path
+    ) -> None:
+        """A root-owned, world-readable file in the state directory cannot be closed by the
+        agent's user: the start goes on with a warning naming it, the rest is tightened."""
+        state = crossable_tmp / "state"
+        (state / "inbox").mkdir(parents=True)
+        ours = state / "inbox" / "notes.txt"
+        ours.write_text("x")
+        ours.chmod(0o644)
+        theirs = state / "inbox" / "model.gguf"
+        theirs.write_bytes(b"GGUF")
+        theirs.chmod(0o644)
+        for path in (state, state / "inbox", ours):
+            os.chown(path, NOBODY, NOBODY)
+        result = subprocess.run(
+            [
+                *("setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"),
+                *(sys.executable, "-c", _AS_NOBODY, str(state)),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=Path(__file__).resolve().parents[2],
+        )
+        assert result.returncode == 0, result.stderr
+        assert "prepared" in result.stdout
+        assert '"event": "state_permissions_not_ours"' in result.stdout
+        assert str(theirs) in result.stdout
+        assert stat.S_IMODE(theirs.stat().st_mode) == 0o644  # not the agent's to change
+        assert stat.S_IMODE(ours.stat().st_mode) == 0o640
+        assert stat.S_IMODE(state.stat().st_mode) == 0o750

@@ -8,6 +8,8 @@ import asyncio
 import hashlib
 import json
 import signal
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +33,7 @@ from edgelm_protocol import (
 )
 from edgelm_protocol.bodies import Body
 from edgelm_protocol.topics import Channel
-from tests.agent_process import TINY_GGUF, AgentProcess
+from tests.agent_process import REPO, TINY_GGUF, AgentProcess
 from tests.fleet_harness import (
     Counterpart,
     Director,
@@ -126,6 +128,18 @@ async def activated(side: Counterpart, device: str, model: Model, sequence: int)
     return event
 
 
+def edgelm_cli(*args: str | Path) -> subprocess.CompletedProcess[str]:
+    """``edgelm ...`` as a subprocess, as a person on the device runs it."""
+    return subprocess.run(
+        [sys.executable, "-m", "edgelm_cli", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        cwd=REPO,
+    )
+
+
 class TestEnrollment:
     def test_enrolling_keeps_only_models_the_fleet_lists(self, fleet: Fleet, short_tmp: Path):
         """A standalone device's models are kept only if the fleet's signed metadata lists
@@ -179,6 +193,46 @@ class TestEnrollment:
         path.write_text(json.dumps(data))
         assert enroll(state, path).returncode == 1
         assert not (state / "fleet").exists()
+
+    def test_enrolling_in_another_fleet_refreshes_from_the_new_repository_only(
+        self, short_tmp: Path, monkeypatch: pytest.MonkeyPatch
+    ):
+        """enroll --replace into another fleet checks the installed models against the NEW
+        fleet's repository: the previous fleet's server gets no request, and a model the new
+        fleet lists with the same hash is kept."""
+        repositories, logs = [], []
+        for name in ("old", "new"):
+            (short_tmp / name).mkdir()
+            repository = Repository(short_tmp / name)
+            model = repository.add("tiny", "1.0")  # the same bytes in both fleets
+            logs.append(short_tmp / f"{name}-requests.jsonl")
+            monkeypatch.setenv(REQUEST_LOG_ENV, str(logs[-1]))
+            repository.serve()
+            repositories.append(repository)
+        old, new = repositories
+        old_log, new_log = logs
+        state = short_tmp / "state"
+        try:
+            first = bundle(short_tmp / "old.json", "kiosk-1", old, Director(), 1)
+            assert enroll(state, first).returncode == 0
+            installed = edgelm_cli("models", "install", model.ref, "--state-dir", state, "--json")
+            assert installed.returncode == 0, installed.stderr
+            requests_before = old_log.read_text()
+            second = bundle(short_tmp / "new.json", "kiosk-1", new, Director(), 1, fleet="globex")
+            result = edgelm_cli(
+                "agent", "enroll", second, "--state-dir", state, "--replace", "--json"
+            )
+            assert result.returncode == 0, result.stderr
+            report = json.loads(result.stdout)
+            assert report["fleet"] == "globex"
+            assert report["repository_reachable"] is True
+            assert (report["models_kept"], report["models_dropped"]) == ([model.ref], [])
+            assert old_log.read_text() == requests_before  # not one request to the old fleet
+            paths = [json.loads(line)["path"] for line in new_log.read_text().splitlines()]
+            assert "/metadata/timestamp.json" in paths
+        finally:
+            for repository in repositories:
+                repository.stop()
 
     async def test_a_new_device_reports_its_class_and_labels_as_soon_as_it_connects(
         self, fleet: Fleet, control: Counterpart

@@ -27,7 +27,7 @@ def agent_exceptions() -> list[type[BaseException]]:
 
 
 # Signals that never leave the function that raises them: not errors callers see.
-INTERNAL = {"_GroupLost", "_TemplateRaised", "ServiceReturned"}
+INTERNAL = {"_GroupLost", "_HeaderUnreadable", "_TemplateRaised", "ServiceReturned"}
 
 
 class TestOneTree:

@@ -133,18 +133,16 @@ class TestParseChat:
     @pytest.mark.parametrize(
         "patch",
         [
-            {"tools": [{"type": "function"}]},
-            {"tool_choice": "auto"},
+            {"functions": [{"name": "f"}]},
             {"logprobs": True},
             {"top_logprobs": 3},
-            {"response_format": {"type": "json_object"}},
             {"echo": True},
             {"suffix": "x"},
             {"best_of": 2},
         ],
     )
     def test_features_we_cannot_honour_are_refused(self, patch):
-        """Tool calls, logprobs, JSON mode and the like get a 400 naming the field."""
+        """Legacy function calling, logprobs and the like get a 400 naming the field."""
         with pytest.raises(InvalidRequest, match="not supported") as info:
             parse_chat({**CHAT, **patch})
         assert info.value.param == next(iter(patch))

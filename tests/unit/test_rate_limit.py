@@ -156,11 +156,16 @@ class TestAdminPolicy:
         return policy
 
     def test_only_the_admin_token_opens_admin_operations(self):
+        """The API token is a known client that may not (403 AdminRequired); no token, a
+        wrong one or another scheme is no valid client at all (401 NotAuthorized)."""
         policy = self.policy("user", "admin")
         policy.check_admin("Bearer admin")
-        for given_token in ("Bearer user", None, "Bearer adminx", "Basic admin"):
-            with pytest.raises(AdminRequired, match="admin_token"):
+        with pytest.raises(AdminRequired, match="admin_token"):
+            policy.check_admin("Bearer user")
+        for given_token in (None, "Bearer adminx", "Basic admin"):
+            with pytest.raises(NotAuthorized, match="admin_token") as caught:
                 policy.check_admin(given_token)
+            assert not isinstance(caught.value, AdminRequired)
 
     def test_the_admin_token_also_opens_what_the_api_token_opens(self):
         policy = self.policy("user", "admin")

@@ -16,10 +16,13 @@ reachable by anything on the box, including a web page in the kiosk's browser, s
 A web app on a configured origin gets CORS headers, and its preflight (``OPTIONS``, which
 browsers send without credentials) is answered before the token check.
 
+**Public**: reading the OpenAPI document (:data:`PUBLIC_ROUTES`) needs no token.
+
 **Admin operations** (:func:`needs_admin`: every registry change) are for the Unix socket's
 group. Over HTTP they need ``admin_token``, a second bearer token; without one set they are
-refused over HTTP altogether. The ``api_token`` never suffices for them; the ``admin_token``
-is accepted wherever the ``api_token`` is.
+refused over HTTP altogether (403). The ``api_token`` never suffices for them (403); no token
+or an unknown one is a 401, as everywhere. The ``admin_token`` is accepted wherever the
+``api_token`` is.
 """
 
 from __future__ import annotations
@@ -38,6 +41,10 @@ EXPOSED_HEADERS = "X-Request-Id, Retry-After, X-Edgelm-Model, X-Edgelm-Model-Dig
     "X-Edgelm-Model-Signer"
 )
 _READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+#: The agent's OpenAPI document: it holds no secrets, and a client reads it before it has a
+#: token, so it is the one route that needs none (the Host and Origin checks still apply).
+OPENAPI_PATH = "/openapi.json"
+PUBLIC_ROUTES = frozenset({OPENAPI_PATH})
 
 
 def needs_admin(method: str, route: str) -> bool:
@@ -45,6 +52,12 @@ def needs_admin(method: str, route: str) -> bool:
     (import, install, activate, rollback, verify, gc, pin, and whatever is added there later:
     the rule fails closed)."""
     return route.startswith("/v1/registry/") and method.upper() not in _READ_METHODS
+
+
+def needs_token(path: str) -> bool:
+    """Whether a request needs the ``api_token`` (when one is set): all but those for
+    :data:`PUBLIC_ROUTES`, whatever their method (a wrong one gets its 405, not a 401)."""
+    return path not in PUBLIC_ROUTES
 
 
 def _bearer(authorization: str | None) -> bytes | None:
@@ -139,17 +152,26 @@ class HttpAccessPolicy:
             raise NotAuthorized("missing or invalid bearer token")
 
     def check_admin(self, authorization: str | None) -> None:
-        """An admin operation over HTTP: only the admin token will do."""
+        """An admin operation over HTTP: only the admin token will do. A caller without a
+        valid token gets 401, as any unauthenticated call; one with the api_token gets 403
+        (it is known, and not allowed), and so does everyone when admin_token is unset."""
         if self.admin_token is None:
             raise AdminRequired(
                 "this is an admin operation: call it over the Unix socket (as a member of its "
                 "group), or set admin_token and send Authorization: Bearer <admin_token>"
             )
-        if not _matches(_bearer(authorization), self.admin_token):
+        given = _bearer(authorization)
+        if _matches(given, self.admin_token):
+            return
+        if _matches(given, self.api_token):
             raise AdminRequired(
                 "this is an admin operation: over HTTP it needs Authorization: Bearer "
                 "<admin_token> (the api_token is not enough), or call it over the Unix socket"
             )
+        raise NotAuthorized(
+            "missing or invalid bearer token: this is an admin operation, which over HTTP "
+            "needs Authorization: Bearer <admin_token>, or call it over the Unix socket"
+        )
 
     def check(self, *, host: str | None, origin: str | None, authorization: str | None) -> None:
         self.check_origin(host=host, origin=origin)

@@ -11,8 +11,17 @@ from typing import Any
 import structlog
 from aiohttp import web
 
-from edgelm_agent.api import health, jobs_routes, openai_routes, registry_routes, sync_routes
-from edgelm_agent.api.access import HttpAccessPolicy, needs_admin
+from edgelm_agent import __version__
+from edgelm_agent.api import (
+    embeddings_routes,
+    health,
+    jobs_routes,
+    openai_routes,
+    openapi,
+    registry_routes,
+    sync_routes,
+)
+from edgelm_agent.api.access import HttpAccessPolicy, needs_admin, needs_token
 from edgelm_agent.api.context import (
     ALLOWED_ORIGIN,
     API_CONTEXT,
@@ -77,7 +86,7 @@ async def _guarded(request: web.Request, handler: Any, ctx: ApiContext) -> web.S
         authorization = request.headers.get("Authorization")
         if needs_admin(request.method, _route_label(request)):
             policy.check_admin(authorization)
-        else:
+        elif needs_token(request.path):
             policy.check_token(authorization)
         client = _admit(request, authorization)
     try:
@@ -185,7 +194,9 @@ def create_app(ctx: ApiContext, jobs: jobs_routes.JobsContext | None = None) -> 
         app[jobs_routes.JOBS] = jobs
     health.add_routes(app)
     openai_routes.add_routes(app)
+    embeddings_routes.add_routes(app)
     registry_routes.add_routes(app)
     jobs_routes.add_routes(app)
     sync_routes.add_routes(app)
+    openapi.register(app, __version__)
     return app

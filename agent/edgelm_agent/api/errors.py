@@ -56,6 +56,7 @@ from edgelm_agent.registry.errors import (
     UnsafeSource,
     VersionConflict,
 )
+from edgelm_agent.residency import InsufficientMemory
 
 INVALID = "invalid_request_error"
 SERVER = "server_error"
@@ -78,6 +79,7 @@ HTTP_ERRORS: dict[type[EdgelmError], tuple[int, str]] = {
     ExpectationFailed: (417, INVALID),
     Overloaded: (503, SERVER),
     NotReady: (503, SERVER),
+    InsufficientMemory: (503, SERVER),  # with the figures, and no Retry-After: it will not fit
     QueueFull: (429, "rate_limit_error"),
     RateLimited: (429, "rate_limit_error"),
     # jobs
@@ -135,6 +137,8 @@ def error_body(
 def error_response(exc: EdgelmError) -> web.Response:
     param = exc.param if isinstance(exc, RequestError) else None
     headers = {}
+    if isinstance(exc, NotAuthorized):  # RFC 9110: a 401 names the scheme that would do
+        headers["WWW-Authenticate"] = 'Bearer realm="edgelm"'
     if isinstance(exc, Overloaded):
         headers["Retry-After"] = str(exc.retry_after_s)
     status, error_type = http_status(exc)

@@ -23,6 +23,8 @@ async def readyz(request: web.Request) -> web.Response:
     failing = [name for name, h in services.items() if not h["healthy"]]
     if host.draining:
         return web.json_response({"status": "draining"}, status=503)
+    if host.embeddings.loading:  # a client that waits for ready may embed right away
+        return web.json_response({"status": "loading", "loading": "embedding_model"}, status=503)
     if active is None:
         if host.starting:
             return web.json_response({"status": "loading"}, status=503)

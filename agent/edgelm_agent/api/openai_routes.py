@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from contextlib import aclosing
+from contextlib import AbstractAsyncContextManager, aclosing, nullcontext
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -21,12 +21,23 @@ from edgelm_agent.api.context import (
 )
 from edgelm_agent.api.errors import http_status
 from edgelm_agent.api.sse import SseStream, sse_event
-from edgelm_agent.errors import BackendError, NotReady, PayloadTooLarge, RequestTimeout
+from edgelm_agent.embedding_model import EmbeddingModel
+from edgelm_agent.errors import (
+    BackendError,
+    ModelNotFound,
+    NotReady,
+    PayloadTooLarge,
+    RequestTimeout,
+)
 from edgelm_agent.generation.openai_format import DeltaEncoder, Formatter, Usage
 from edgelm_agent.generation.openai_schema import decode_json_object
-from edgelm_agent.generation.prepare import PreparedGeneration, prepare
+from edgelm_agent.generation.prepare import PreparedGeneration, RequestKind, prepare
 from edgelm_agent.inference.types import Finished, TextDelta
-from edgelm_agent.serving import ServingModel
+from edgelm_agent.model_cache import DEFAULT_KEEP_ALIVE, KeepAlive
+from edgelm_agent.registry.model_target import EMBEDDING, GENERATION, ModelTarget
+from edgelm_agent.registry.registry import version_key
+from edgelm_agent.residency import parse_keep_alive
+from edgelm_agent.serving import ModelHost, ServingModel
 
 log = structlog.get_logger(__name__)
 T = TypeVar("T")
@@ -47,15 +58,39 @@ async def read_json(request: web.Request) -> dict[str, Any]:
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
-    ctx = request.app[API_CONTEXT]
-    prepared = await prepare(await read_json(request), ctx.host, "chat")
-    return await Generation(request, ctx, prepared).respond()
+    return await _generate(request, "chat")
 
 
 async def completions(request: web.Request) -> web.StreamResponse:
+    return await _generate(request, "completion")
+
+
+async def _generate(request: web.Request, kind: RequestKind) -> web.StreamResponse:
     ctx = request.app[API_CONTEXT]
-    prepared = await prepare(await read_json(request), ctx.host, "completion")
-    return await Generation(request, ctx, prepared).respond()
+    body = await read_json(request)
+    keep_alive = take_keep_alive(body)
+    async with _lease(ctx, body, keep_alive):
+        # Under the lease, the model cannot be unloaded until the last byte is sent; a model
+        # that is installed but not loaded was loaded (or refused) on the way in.
+        prepared = await prepare(body, ctx.host, kind)
+        return await Generation(request, ctx, prepared).respond()
+
+
+def take_keep_alive(body: dict[str, Any]) -> KeepAlive:
+    """The request's ``keep_alive`` (Ollama's field), taken out of the body: how long its
+    model stays loaded once the request ends."""
+    if "keep_alive" not in body:
+        return DEFAULT_KEEP_ALIVE
+    return parse_keep_alive(body.pop("keep_alive"))
+
+
+def _lease(
+    ctx: ApiContext, body: dict[str, Any], keep_alive: KeepAlive
+) -> AbstractAsyncContextManager[None]:
+    name = body.get("model")
+    if ctx.models is None or not isinstance(name, str) or not name:
+        return nullcontext()  # a missing or bad model field: prepare() says what is wrong
+    return ctx.models.cache.lease(name, keep_alive)
 
 
 #: Provenance headers on every generation response: which model answered, the sha256 of its
@@ -77,7 +112,7 @@ def provenance(model: ServingModel) -> dict[str, str]:
     return headers
 
 
-def _model_card(m: ServingModel) -> dict[str, Any]:
+def _model_card(m: ServingModel, host: ModelHost) -> dict[str, Any]:
     return {
         "id": m.model_id,
         "object": "model",
@@ -87,17 +122,85 @@ def _model_card(m: ServingModel) -> dict[str, Any]:
         "backend": m.info.backend,
         "context_length": m.context_length,
         "accelerator": m.info.accelerator.as_dict(),
+        # Prompt presets signed with the model, which a request selects with "preset".
+        "presets": [p.summary() for p in m.presets],
+        # Extensions to OpenAI's list: what the model is for, and whether it is in memory.
+        "version": m.version,
+        "role": GENERATION,
+        "loaded": True,
+        "active": m is host.active,
     }
 
 
+def _embedding_card(m: EmbeddingModel) -> dict[str, Any]:
+    return {
+        "id": m.model_id,
+        "object": "model",
+        "created": m.info.created,
+        "owned_by": "edgelm",
+        "version": m.version,
+        "role": EMBEDDING,
+        "dimensions": m.info.dimensions,
+        "loaded": True,
+        "active": False,
+    }
+
+
+def _installed_card(t: ModelTarget, model_id: str) -> dict[str, Any]:
+    """An installed model that is not in memory: a request naming it loads it."""
+    return {
+        "id": model_id,
+        "object": "model",
+        "created": 0,  # OpenAI's field is a load time; a model not loaded has none
+        "owned_by": "edgelm",
+        "format": t.format,
+        "context_length": t.context_length,
+        "presets": [p.summary() for p in t.presets],
+        "version": t.version,
+        "role": t.role,
+        "loaded": False,
+        "active": False,
+    }
+
+
+async def _cards(ctx: ApiContext) -> list[dict[str, Any]]:
+    """What this agent can serve: the models in memory, then (with a RAM budget) the other
+    installed chat models, which a request loads. An installed model whose name a loaded
+    one already answers to is listed as ``name@version``."""
+    host = ctx.host
+    cards = [_model_card(m, host) for m in host.models()]
+    if host.embeddings.model is not None:
+        cards.append(_embedding_card(host.embeddings.model))
+    if ctx.models is None or not ctx.models.cache.enabled:
+        return cards
+    loaded = {f"{m.model_id}@{m.version}" for m in host.models()}
+    taken = {c["id"] for c in cards}
+    state = await asyncio.to_thread(ctx.models.registry.state)
+    newest_first = sorted(state.models.values(), key=lambda t: version_key(t.version), reverse=True)
+    for target in newest_first:
+        if target.role != GENERATION or target.ref in loaded:
+            continue
+        model_id = target.name if target.name not in taken else target.ref
+        taken.add(model_id)
+        cards.append(_installed_card(target, model_id))
+    return cards
+
+
 async def list_models(request: web.Request) -> web.Response:
-    models = request.app[API_CONTEXT].host.models()
-    return web.json_response({"object": "list", "data": [_model_card(m) for m in models]})
+    cards = await _cards(request.app[API_CONTEXT])
+    return web.json_response({"object": "list", "data": cards})
 
 
 async def get_model(request: web.Request) -> web.Response:
-    model = request.app[API_CONTEXT].host.find(request.match_info["model_id"])
-    return web.json_response(_model_card(model))
+    ctx = request.app[API_CONTEXT]
+    wanted = request.match_info["model_id"]
+    try:
+        return web.json_response(_model_card(ctx.host.find(wanted), ctx.host))
+    except ModelNotFound:
+        for card in await _cards(ctx):
+            if wanted in (card["id"], f"{card['id']}@{card.get('version')}"):
+                return web.json_response(card)
+        raise
 
 
 @dataclass
@@ -142,6 +245,7 @@ class Generation:
             prompt_tokens=len(self.tokens),
             max_tokens=generation.params.max_tokens,
             stream=self.stream,
+            preset=self.prepared.preset,
         )
         self.ctx.metrics.prompt_tokens.labels(self.model.model_id).inc(len(self.tokens))
         sse = SseStream(self.request) if self.stream else None
@@ -181,11 +285,16 @@ class Generation:
         usage = Usage(len(self.tokens), finished.completion_tokens)
         self._observe(finished, usage)
         if sse is None:
-            return web.json_response(
-                self.formatter.full("".join(self.pieces), finished.reason, usage),
-                headers=provenance(self.model),
-            )
-        tail = self._pending + sse_event(self.formatter.final_chunk(finished.reason))
+            body = self.formatter.full("".join(self.pieces), finished.reason, usage)
+            incomplete = body["choices"][0].get("incomplete_details")
+            if incomplete is not None:
+                facts["incomplete"] = incomplete["reason"]
+            return web.json_response(body, headers=provenance(self.model))
+        final = self.formatter.final_chunk(finished.reason, "".join(self.pieces))
+        incomplete = final["choices"][0].get("incomplete_details")
+        if incomplete is not None:
+            facts["incomplete"] = incomplete["reason"]
+        tail = self._pending + sse_event(final)
         if self.include_usage:
             tail += sse_event(self.formatter.usage_chunk(usage))
         await sse.send_encoded(tail)
@@ -203,9 +312,16 @@ class Generation:
             self.first_token_at = time.perf_counter()
         if sse is None:
             self.pieces.extend(texts)
+            return
+        pending, self._pending = self._pending, b""
+        if self.formatter.shape.constraint is not None:
+            self.pieces.extend(texts)  # the last chunk says whether the whole of it parses
+        if self.formatter.shape.reads_tools:
+            # Tool calls go out as call deltas, not text: each piece is read first.
+            chunks = [c for t in texts for c in self.formatter.text_chunks(t)]
+            await sse.send_encoded(pending + b"".join(sse_event(c) for c in chunks))
         else:
             encode = self._encoder.encode
-            pending, self._pending = self._pending, b""
             await sse.send_encoded(pending + b"".join(encode(t) for t in texts))
 
     def _prepared_or_closed(self) -> web.StreamResponse:

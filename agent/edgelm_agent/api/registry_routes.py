@@ -21,7 +21,13 @@ from edgelm_agent.errors import InvalidRequest, NotReady, shown
 from edgelm_agent.inference.types import MAX_CONTEXT_LENGTH, MIN_CONTEXT_LENGTH
 from edgelm_agent.model_manager import ModelManager
 from edgelm_agent.registry.errors import InvalidModelMetadata
-from edgelm_agent.registry.model_target import check_name, check_version
+from edgelm_agent.registry.model_target import (
+    GENERATION,
+    ROLES,
+    check_name,
+    check_presets,
+    check_version,
+)
 from edgelm_agent.registry.state import RegistryState
 
 
@@ -58,6 +64,19 @@ def _model_field(body: dict[str, Any], name: str, check: Any) -> str | None:
     return checked
 
 
+def _presets_field(body: dict[str, Any], context_length: int) -> dict[str, Any] | None:
+    """The presets to sign with an import, checked here so a bad one is the client's 400
+    naming the field (and the preset), not a 422 about signed metadata."""
+    presets = body.get("presets")
+    if presets is None:
+        return None
+    try:
+        check_presets(presets, context_length=context_length)
+    except InvalidModelMetadata as exc:
+        raise InvalidRequest(str(exc), param="presets") from exc
+    return dict(presets)
+
+
 def state_view(state: RegistryState, history: int = 50) -> dict[str, Any]:
     return {
         "active": state.active,
@@ -83,7 +102,10 @@ async def list_models(request: web.Request) -> web.Response:
 
 async def import_model(request: web.Request) -> web.Response:
     body = await read_json(request)
-    path = Path(_str_field(body, "path") or "")
+    text = _str_field(body, "path") or ""
+    if "\x00" in text:  # no file has one in its name; os.open would raise ValueError: a 500
+        raise InvalidRequest("'path' must not contain a NUL character", param="path")
+    path = Path(text)
     if not path.is_absolute():
         raise InvalidRequest(
             "'path' must be absolute: the agent resolves it, not the client", param="path"
@@ -101,10 +123,22 @@ async def import_model(request: web.Request) -> web.Response:
         )
     name = _model_field(body, "name", check_name)
     version = _model_field(body, "version", check_version)
+    role = body.get("role", GENERATION)
+    if role not in ROLES:
+        raise InvalidRequest(
+            f"'role' must be generation or embedding, got {shown(role)}", param="role"
+        )
+    presets = _presets_field(body, context_length)
     manager = _manager(request)
     target = await manager.exclusive_work(
         lambda cancel: manager.registry.import_model(
-            path, name=name, version=version, context_length=context_length, cancel=cancel
+            path,
+            name=name,
+            version=version,
+            context_length=context_length,
+            cancel=cancel,
+            role=role,
+            presets=presets,
         ),
         what="import",
     )

@@ -16,15 +16,17 @@ import structlog
 from rich.console import Console
 from rich.panel import Panel
 
-from edgelm_agent.config import load_config, with_enrollment
+from edgelm_agent.config import load_config, load_settings, with_enrollment
 from edgelm_agent.daemon import Daemon, ReadyInfo
 from edgelm_agent.enrollment import read_bundle, write_enrollment
+from edgelm_agent.enrollment_key import clear_pending, make_request, pair_pending_key
 from edgelm_agent.errors import ConfigError, EdgelmError, ModelError
 from edgelm_agent.logs import configure_logging
 from edgelm_agent.registry.factory import registry_for
 from edgelm_agent.state_dir import prepare_state_dir
 from edgelm_cli.diagnostics import DiagnosticError
 from edgelm_cli.groups import SuggestingGroup
+from edgelm_protocol.repository.atomic_file import write_atomic
 
 
 @click.group(cls=SuggestingGroup)
@@ -80,6 +82,55 @@ def _banner(info: ReadyInfo) -> None:
     )
 
 
+def _request_certificate(
+    state_dir: str | None, device_id: str, out: Path | None, *, new_key: bool, as_json: bool
+) -> None:
+    """``enroll --csr``: the pending key and its request; the request goes to stdout (or
+    ``out``) for the operator, the key stays in the state directory."""
+    try:
+        base = load_config(None, {"state_dir": state_dir} if state_dir else {})
+        prepare_state_dir(base.state_dir)
+        pending = make_request(base.state_dir, device_id, new_key=new_key)
+        if out is not None:
+            write_atomic(out, pending.request_pem.encode(), mode=0o644)
+    except ConfigError as exc:
+        raise DiagnosticError(exc.code or "csr-failed", str(exc), as_json=as_json) from exc
+    except OSError as exc:
+        raise DiagnosticError(
+            "csr-failed", f"cannot write the request: {exc}", as_json=as_json
+        ) from exc
+    structlog.get_logger().info(
+        "enrollment_key_pending",
+        device=device_id,
+        key=str(pending.key_path),
+        reused=pending.reused,
+        public_key_sha256=pending.public_key_sha256(),
+    )
+    data = {
+        "device_id": device_id,
+        "key": str(pending.key_path),
+        "request": str(pending.request_path),
+        "out": None if out is None else str(out),
+        "reused": pending.reused,
+        "public_key_sha256": pending.public_key_sha256(),
+        "csr": pending.request_pem,
+    }
+    if as_json:
+        click.echo(json.dumps(data, indent=2))
+        return
+    if out is None:
+        click.echo(pending.request_pem, nl=False)
+    console = Console(stderr=True)
+    verb = "reused the pending key" if pending.reused else "made a key"
+    console.print(f"{verb} for [bold]{device_id}[/] in {pending.key_path} (it stays here)")
+    console.print(f"public key sha256 {pending.public_key_sha256()}")
+    console.print(
+        "give the request to the operator: edgelm provision device "
+        f"{device_id} --csr {shlex.quote(str(out or 'request.pem'))} --out {device_id}.json; "
+        f"then: edgelm agent enroll {device_id}.json"
+    )
+
+
 def _separate_streams() -> bool:
     """Whether stderr goes somewhere else than stdout. Where both go to one place (journald,
     a log file) the JSON ``agent_ready`` event, which carries the addresses, is the ready
@@ -115,6 +166,11 @@ def _ready_line(info: ReadyInfo) -> None:
     "--http", help="Loopback HTTP listener HOST:PORT, or 'off'. [default: 127.0.0.1:8470]"
 )
 @click.option("--model", help="Model to serve: a GGUF file or an ONNX GenAI folder.")
+@click.option(
+    "--embedding-model",
+    help="Model for /v1/embeddings: an installed NAME[@VERSION] of role embedding, or a GGUF "
+    "file to import as one.",
+)
 @click.option("--threads", help="Generation threads. [default: one per core]")
 @click.option("--context-length", help="Context window in tokens. [default: 4096]")
 @click.option("--default-max-tokens", help="Reply length when a request sets none. [default: 512]")
@@ -160,25 +216,76 @@ def run(config_file: Path | None, **flags: Any) -> None:
 
 
 @agent.command("enroll")
-@click.argument("bundle", type=click.Path(path_type=Path, dir_okay=False))
+@click.argument("bundle", type=click.Path(path_type=Path, dir_okay=False), required=False)
 @click.option("--state-dir", help="State directory. [default: /var/lib/edgelm]")
 @click.option(
     "--replace",
     is_flag=True,
     help="Leave the fleet this device is enrolled in for the one that issued BUNDLE.",
 )
+@click.option(
+    "--csr",
+    "make_csr",
+    is_flag=True,
+    help="Instead of enrolling: make this device's TLS key here (it never leaves) and write "
+    "a certificate signing request for the operator (`edgelm provision device ID --csr`).",
+)
+@click.option("--device-id", metavar="ID", help="With --csr: the device id to ask for.")
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="With --csr: also write the request to this file. [default: stdout]",
+)
+@click.option(
+    "--new-key",
+    is_flag=True,
+    help="With --csr: make a new key even if one is pending (its request becomes useless).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
-def enroll(bundle: Path, state_dir: str | None, replace: bool, as_json: bool) -> None:
+def enroll(
+    bundle: Path | None,
+    state_dir: str | None,
+    replace: bool,
+    make_csr: bool,
+    device_id: str | None,
+    out: Path | None,
+    new_key: bool,
+    as_json: bool,
+) -> None:
     """Join the fleet that issued BUNDLE (from `edgelm provision device`), with the agent
     stopped. Afterwards `edgelm agent run --state-dir DIR` syncs with no further flags.
 
     The device's trust root is replaced by the fleet's, and installed models are kept only
-    if the fleet's signed metadata lists them.
+    if the fleet's signed metadata lists them. A BUNDLE signed from this device's own request
+    (`--csr`) carries no key: it is paired with the key made here, and refused if its
+    certificate is for another key.
     """
     configure_logging("console", "info", stream=sys.stderr)
+    if make_csr:
+        if bundle is not None or device_id is None:
+            raise DiagnosticError(
+                "enroll-usage",
+                "--csr makes a request, it takes --device-id ID and no BUNDLE",
+                hint="edgelm agent enroll --csr --device-id ID [--out request.pem]",
+                as_json=as_json,
+            )
+        _request_certificate(state_dir, device_id, out, new_key=new_key, as_json=as_json)
+        return
+    if bundle is None or device_id is not None or out is not None or new_key:
+        raise DiagnosticError(
+            "enroll-usage",
+            "expected BUNDLE (--device-id, --out and --new-key go with --csr)",
+            hint="edgelm agent enroll BUNDLE --state-dir DIR",
+            as_json=as_json,
+        )
     try:
-        base = load_config(None, {"state_dir": state_dir} if state_dir else {})
+        # The configuration without the current enrollment: after write_enrollment the
+        # registry is built from it and the NEW bundle, never the previous fleet's mirrors.
+        settings = load_settings(None, {"state_dir": state_dir} if state_dir else {})
+        base = with_enrollment(settings)
         enrollment, root = read_bundle(bundle)
+        own_key = enrollment.tls_ca is not None and enrollment.tls_key is None
+        enrollment = pair_pending_key(base.state_dir, enrollment)
     except ConfigError as exc:
         raise DiagnosticError(exc.code or "enroll-failed", str(exc), as_json=as_json) from exc
     current = base.enrollment
@@ -201,11 +308,13 @@ def enroll(bundle: Path, state_dir: str | None, replace: bool, as_json: bool) ->
     try:
         with registry_for(base).locked():
             write_enrollment(base.state_dir, enrollment, root)
-            change = registry_for(with_enrollment(base)).adopt_trust_root(root)
+            change = registry_for(with_enrollment(settings)).adopt_trust_root(root)
     except EdgelmError as exc:
         raise DiagnosticError(
             f"enroll-{exc.code}", str(exc), hint="stop the agent first", as_json=as_json
         ) from exc
+    if own_key:
+        clear_pending(base.state_dir)
     structlog.get_logger().warning(
         "trust_root_replaced",
         fleet=enrollment.fleet,
@@ -222,6 +331,7 @@ def enroll(bundle: Path, state_dir: str | None, replace: bool, as_json: bool) ->
         "models_kept": change.kept,
         "models_dropped": change.dropped,
         "repository_reachable": change.repository_reachable,
+        "key_made_on_device": own_key,
     }
     if as_json:
         click.echo(json.dumps(data, indent=2))

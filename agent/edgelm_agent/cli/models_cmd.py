@@ -28,10 +28,13 @@ from edgelm_agent.config import env_socket_path, load_config
 from edgelm_agent.errors import ConfigError, EdgelmError
 from edgelm_agent.inference.types import MIN_CONTEXT_LENGTH
 from edgelm_agent.registry.factory import registry_for
+from edgelm_agent.registry.model_target import GENERATION, ROLES
 from edgelm_agent.registry.registry import Registry
 from edgelm_agent.state_dir import use_private_umask
 from edgelm_cli.diagnostics import DiagnosticError
 from edgelm_cli.groups import SuggestingGroup
+from edgelm_protocol.errors import TargetRefused
+from edgelm_protocol.preset_files import presets_from_document
 
 console = Console(stderr=True)
 
@@ -177,7 +180,10 @@ def list_cmd(socket: Path | None, state_dir: Path | None, as_json: bool) -> None
 @models.command("import")
 @click.argument("path", type=click.Path(path_type=Path, exists=True))
 @click.option("--name", help="Model name. [default: from the file name]")
-@click.option("--version", help="Version. [default: sha256-<first 12 hex digits>]")
+@click.option(
+    "--version",
+    help="Version. [default: sha256-<first 12 hex digits>, then -p<8 of the presets'> if any]",
+)
 @click.option(
     "--context-length",
     type=click.IntRange(min=MIN_CONTEXT_LENGTH),
@@ -185,22 +191,45 @@ def list_cmd(socket: Path | None, state_dir: Path | None, as_json: bool) -> None
     show_default=True,
     help="Context window the model is served with (capped at what it was trained on).",
 )
+@click.option(
+    "--role",
+    type=click.Choice(ROLES),
+    default=GENERATION,
+    show_default=True,
+    help="What the model is for: chat and completions, or /v1/embeddings (a GGUF file).",
+)
+@click.option(
+    "--presets",
+    "presets_file",
+    type=click.Path(path_type=Path, exists=True, dir_okay=False),
+    help="Prompt presets to sign with the model: a .toml or .json file (see the operator "
+    "guide). A changed preset is a new version.",
+)
 @_options
 def import_cmd(
     path: Path,
     name: str | None,
     version: str | None,
     context_length: int,
+    role: str,
+    presets_file: Path | None,
     socket: Path | None,
     state_dir: Path | None,
     as_json: bool,
 ) -> None:
     """Sign a GGUF file or ONNX GenAI folder into this device's repository and install it."""
     where = Where(socket, state_dir, as_json)
+    presets = read_presets_file(presets_file, as_json) if presets_file is not None else None
     if state_dir is not None:
         with where.registry(create=True) as registry, where.progress() as progress:
             target = registry.import_model(
-                path, name=name, version=version, context_length=context_length, progress=progress
+                path,
+                name=name,
+                version=version,
+                context_length=context_length,
+                progress=progress,
+                role=role,
+                presets=presets,
             )
         data = target.as_dict()
     else:
@@ -213,6 +242,8 @@ def import_cmd(
                 "name": name,
                 "version": version,
                 "context_length": context_length,
+                "role": role,
+                "presets": presets,
             },
         )
     _emit(
@@ -220,8 +251,29 @@ def import_cmd(
         data,
         lambda: console.print(
             f"imported [bold]{data['name']}@{data['version']}[/] (sha256 {data['sha256'][:16]}…)"
+            + (" as an embedding model" if data.get("role") == "embedding" else "")
         ),
     )
+
+
+def read_presets_file(path: Path, as_json: bool) -> dict[str, Any]:
+    """A presets file as the signed ``presets`` object, or a CLI error that says what is
+    wrong in it and where (the same reader as ``edgelm fleet models push --presets``)."""
+    try:
+        return presets_from_document(path.read_bytes(), suffix=path.suffix)
+    except OSError as exc:
+        raise DiagnosticError(
+            "presets-unreadable", f"cannot read {path}: {exc.strerror}", as_json=as_json
+        ) from exc
+    except TargetRefused as exc:
+        raise DiagnosticError(
+            "presets-invalid",
+            str(exc),
+            context=f"in {path}",
+            hint="a presets file has one table per preset name; see 'Prompt presets' in the "
+            "operator guide",
+            as_json=as_json,
+        ) from exc
 
 
 @models.command("install")

@@ -13,8 +13,16 @@ from dataclasses import dataclass
 from typing import Any
 
 from edgelm_agent.errors import InvalidRequest, shown
+from edgelm_agent.generation.presets import preset_name
+from edgelm_agent.generation.structured_output import parse_output_constraint
+from edgelm_agent.generation.tool_calls import (
+    ToolRequest,
+    parse_tool_call,
+    parse_tool_request,
+    tool_constraint,
+)
 from edgelm_agent.inference.chat_template import ChatMessage
-from edgelm_agent.inference.types import MAX_CONTEXT_LENGTH, SamplingFields
+from edgelm_agent.inference.types import MAX_CONTEXT_LENGTH, OutputConstraint, SamplingFields
 from edgelm_agent.valid_unicode import first_invalid_text
 
 MAX_STOP_SEQUENCES = 4  # OpenAI's limit; a kiosk app needs no more
@@ -28,6 +36,10 @@ class CompletionBody:
     stream: bool
     include_usage: bool
     sampling: SamplingFields
+    #: What the reply must match (response_format or grammar); None for free text.
+    constraint: OutputConstraint | None = None
+    #: The model's prompt preset the request selects (see generation/presets.py).
+    preset: str | None = None
 
 
 @dataclass(frozen=True)
@@ -37,6 +49,11 @@ class ChatBody:
     stream: bool
     include_usage: bool
     sampling: SamplingFields
+    #: What the reply must match: response_format or grammar, or the grammar of the calls to
+    #: the tools it offers (never both).
+    constraint: OutputConstraint | None = None
+    tools: ToolRequest | None = None
+    preset: str | None = None
 
 
 def _refuse_constant(name: str) -> Any:
@@ -56,6 +73,11 @@ def decode_json_object(raw: bytes) -> dict[str, Any]:
     if invalid is not None:
         raise InvalidRequest(invalid.message, param=invalid.param)
     return data
+
+
+def model_field(data: dict[str, Any]) -> str:
+    """The request's ``model``, checked."""
+    return _required_str(data, "model")
 
 
 def _required_str(data: dict[str, Any], name: str) -> str:
@@ -127,8 +149,6 @@ def _stop(data: dict[str, Any]) -> tuple[str, ...]:
 # Fields we cannot honour as a client would expect, with the values that ask for nothing.
 # Refusing anything else beats silently ignoring it.
 UNSUPPORTED: dict[str, tuple[str, tuple[Any, ...]]] = {
-    "tools": ("tool calling", (None, [])),
-    "tool_choice": ("tool calling", (None, "none")),
     "functions": ("function calling", (None, [])),
     "function_call": ("function calling", (None, "none")),
     "logprobs": ("log probabilities", (None, False)),
@@ -144,15 +164,6 @@ def _refuse_unsupported(data: dict[str, Any]) -> None:
         value = data.get(name)
         if not any(value is n or (type(value) is type(n) and value == n) for n in neutral):
             raise InvalidRequest(f"{feature} ({name!r}) is not supported by this agent", param=name)
-    response_format = data.get("response_format")
-    if response_format is not None and (
-        not isinstance(response_format, dict) or response_format.get("type") != "text"
-    ):
-        kind = response_format.get("type") if isinstance(response_format, dict) else None
-        raise InvalidRequest(
-            f"response_format type {shown(kind)} is not supported; only 'text'",
-            param="response_format",
-        )
 
 
 def _sampling(data: dict[str, Any]) -> SamplingFields:
@@ -161,9 +172,11 @@ def _sampling(data: dict[str, Any]) -> SamplingFields:
     if n is not None and n != 1:
         raise InvalidRequest("only 'n' = 1 is supported", param="n")
     # No reply is longer than the largest context the agent serves.
+    # Both are checked, though max_completion_tokens wins: a bad field is never ignored.
+    legacy_max_tokens = _integer(data, "max_tokens", 1, MAX_CONTEXT_LENGTH)
     max_tokens = _integer(data, "max_completion_tokens", 1, MAX_CONTEXT_LENGTH)
     if max_tokens is None:
-        max_tokens = _integer(data, "max_tokens", 1, MAX_CONTEXT_LENGTH)
+        max_tokens = legacy_max_tokens
     return SamplingFields(
         max_tokens=max_tokens,
         temperature=_number(data, "temperature", 0.0, 2.0),
@@ -178,7 +191,9 @@ def _stream_flags(data: dict[str, Any]) -> tuple[bool, bool]:
     stream = data.get("stream", False)
     if not isinstance(stream, bool):
         raise InvalidRequest("'stream' must be true or false", param="stream")
-    options = data.get("stream_options") or {}
+    options = data.get("stream_options")
+    if options is None:  # only null means none: false, 0 or [] are not objects
+        options = {}
     if not isinstance(options, dict):
         raise InvalidRequest("'stream_options' must be an object", param="stream_options")
     include_usage = options.get("include_usage", False)
@@ -235,20 +250,60 @@ def _messages(data: dict[str, Any]) -> tuple[ChatMessage, ...]:
             ChatMessage(
                 role="system" if role == "developer" else role,
                 content=_message_content(item.get("content"), i),
+                tool_calls=_tool_calls(item, i) if role == "assistant" else (),
+                tool_call_id=_tool_call_id(item, i) if role == "tool" else None,
             )
         )
     return tuple(messages)
 
 
+def _tool_calls(item: dict[str, Any], index: int) -> tuple[Any, ...]:
+    calls = item.get("tool_calls")
+    if calls is None:
+        return ()
+    param = f"messages[{index}].tool_calls"
+    if not isinstance(calls, list):
+        raise InvalidRequest(f"{param} must be a list", param=param)
+    return tuple(parse_tool_call(call, f"{param}[{n}]") for n, call in enumerate(calls))
+
+
+def _tool_call_id(item: dict[str, Any], index: int) -> str | None:
+    value = item.get("tool_call_id")
+    if value is not None and not isinstance(value, str):
+        param = f"messages[{index}].tool_call_id"
+        raise InvalidRequest(f"{param} must be a string", param=param)
+    return value
+
+
 def parse_chat(data: dict[str, Any]) -> ChatBody:
     stream, include_usage = _stream_flags(data)
     messages = _messages(data)
+    preset = preset_name(data)
+    if preset is not None and data.get("tools") is None:
+        # tool_choice may choose among the preset's tools, which only prepare() knows: the
+        # body with the preset written in is parsed again, tool_choice checked there.
+        data = {k: v for k, v in data.items() if k != "tool_choice"}
+    tools = parse_tool_request(data)
+    constraint = parse_output_constraint(data)
+    if tools is not None and tools.offered:
+        if constraint is not None:
+            raise InvalidRequest(
+                "a reply held to response_format or grammar cannot also call tools; set "
+                "'tool_choice' to 'none' or leave one out",
+                param="response_format" if constraint.kind != "grammar" else "grammar",
+            )
+        # The calls' grammar is built here, from the tools' parameter schemas, so a schema it
+        # cannot enforce is refused when a job is submitted, not when it runs.
+        constraint = tool_constraint(tools)
     return ChatBody(
         model=_required_str(data, "model"),
         messages=messages,
         stream=stream,
         include_usage=include_usage,
         sampling=_sampling(data),
+        constraint=constraint,
+        tools=tools,
+        preset=preset,
     )
 
 
@@ -265,10 +320,18 @@ def parse_completion(data: dict[str, Any]) -> CompletionBody:
         # Refused here, for every model alike: one that adds a BOS token would otherwise
         # generate from nothing while one that does not refuses the empty prompt.
         raise InvalidRequest("'prompt' must not be empty", param="prompt")
+    for name in ("tools", "tool_choice"):
+        if data.get(name) not in (None, [], "none"):
+            raise InvalidRequest(
+                f"{name!r} belongs to /v1/chat/completions; a completion cannot call tools",
+                param=name,
+            )
     return CompletionBody(
         model=_required_str(data, "model"),
         prompt=prompt,
         stream=stream,
         include_usage=include_usage,
         sampling=_sampling(data),
+        constraint=parse_output_constraint(data),
+        preset=preset_name(data),
     )

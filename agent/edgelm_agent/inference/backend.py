@@ -19,6 +19,7 @@ from edgelm_agent.inference.types import (
     GenerationEvent,
     GenerationRequest,
     ModelInfo,
+    OutputConstraint,
     SamplingParams,
     TextDelta,
 )
@@ -37,6 +38,12 @@ class Backend(Protocol):
         prompt or a chat template needs; without it, such text stays plain text, as a client's
         message needs.
         """
+        ...
+
+    def check_constraint(self, constraint: OutputConstraint) -> None:
+        """Raise :class:`~edgelm_agent.errors.InvalidRequest` if this runtime cannot hold its
+        output to ``constraint`` (``params.constraint`` of a later :meth:`generate`), so the
+        client hears so before anything runs rather than get output that breaks it."""
         ...
 
     def generate(

@@ -8,6 +8,7 @@ sandbox and any template error becomes a :class:`~edgelm_agent.errors.InvalidReq
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import re
@@ -23,9 +24,41 @@ from edgelm_agent.errors import InvalidRequest, ModelError
 
 
 @dataclass(frozen=True)
+class ToolCall:
+    """A function call the assistant made: ``arguments`` is its JSON text, as OpenAI sends it."""
+
+    id: str
+    name: str
+    arguments: str
+
+    def as_template(self) -> dict[str, Any]:
+        # Templates write the arguments with tojson, so they take an object, not its text.
+        return {
+            "id": self.id,
+            "type": "function",
+            "function": {"name": self.name, "arguments": json.loads(self.arguments)},
+        }
+
+
+@dataclass(frozen=True)
 class ChatMessage:
     role: str
     content: str
+    #: An assistant message's calls, and the id of the call a ``tool`` message answers.
+    tool_calls: tuple[ToolCall, ...] = ()
+    tool_call_id: str | None = None
+
+    def as_template(self, content: str | None = None) -> dict[str, Any]:
+        """The message as chat templates read it, with ``content`` in place of its own."""
+        message: dict[str, Any] = {
+            "role": self.role,
+            "content": self.content if content is None else content,
+        }
+        if self.tool_calls:
+            message["tool_calls"] = [c.as_template() for c in self.tool_calls]
+        if self.tool_call_id is not None:
+            message["tool_call_id"] = self.tool_call_id
+        return message
 
 
 @dataclass(frozen=True)
@@ -73,17 +106,39 @@ class ChatTemplate:
             raise ModelError(f"the model's chat template does not compile: {exc}") from exc
         self._bos = bos_token
         self._eos = eos_token
+        self.source = source
+        # Some templates have no system role: Phi-3-mini's first one drops system messages,
+        # Gemma's refuses them. Their text then goes to the next user turn, as llama.cpp does
+        # (minja's system-role polyfill), so an app's instructions are neither lost nor a 400.
+        self._folds_system = not self._writes_system_messages()
 
-    def render(self, messages: Sequence[ChatMessage], *, add_generation_prompt: bool = True) -> str:
+    @property
+    def speaks_tools(self) -> bool:
+        """Whether the template describes tools and calls itself, in the ``<tool_call>`` format
+        (Hermes, Qwen): then it gets the tools and tool messages as they are."""
+        return "tools" in self.source and "<tool_call>" in self.source
+
+    def render(
+        self,
+        messages: Sequence[ChatMessage],
+        *,
+        add_generation_prompt: bool = True,
+        tools: Sequence[dict[str, Any]] | None = None,
+    ) -> str:
+        messages = self._fold_system(messages)
         context: dict[str, Any] = {
-            "messages": [{"role": m.role, "content": m.content} for m in messages],
+            "messages": [m.as_template() for m in messages],
             "add_generation_prompt": add_generation_prompt,
             "bos_token": self._bos,
             "eos_token": self._eos,
         }
+        if tools:
+            context["tools"] = list(tools)
         return self._render(context)
 
-    def render_segments(self, messages: Sequence[ChatMessage]) -> list[Segment] | None:
+    def render_segments(
+        self, messages: Sequence[ChatMessage], *, tools: Sequence[dict[str, Any]] | None = None
+    ) -> list[Segment] | None:
         """The rendered chat, cut into the template's own text and the messages' contents;
         None if this template does not insert contents as they are.
 
@@ -92,19 +147,19 @@ class ChatTemplate:
         (slices, trims or escapes it, say) breaks its marker or inserts it changed: the caller
         finds that out by comparing the joined segments with :meth:`render`.
         """
+        messages = self._fold_system(messages)
         nonce = secrets.token_hex(8)
         marker = re.compile(f"\ue000{nonce}:(\\d+)\ue001")
-        marked = [
-            {"role": m.role, "content": f"\ue000{nonce}:{i}\ue001"} for i, m in enumerate(messages)
-        ]
-        rendered = self._render(
-            {
-                "messages": marked,
-                "add_generation_prompt": True,
-                "bos_token": self._bos,
-                "eos_token": self._eos,
-            }
-        )
+        marked = [m.as_template(f"\ue000{nonce}:{i}\ue001") for i, m in enumerate(messages)]
+        context: dict[str, Any] = {
+            "messages": marked,
+            "add_generation_prompt": True,
+            "bos_token": self._bos,
+            "eos_token": self._eos,
+        }
+        if tools:
+            context["tools"] = list(tools)
+        rendered = self._render(context)
         parts = marker.split(rendered)
         segments = []
         for n, part in enumerate(parts):
@@ -115,6 +170,49 @@ class ChatTemplate:
             elif part:
                 segments.append(Segment(part, is_content=False))
         return segments
+
+    def _writes_system_messages(self) -> bool:
+        """Whether a system message's text changes what the template writes (not whether it
+        appears as it is: a template may trim or cut it); probed once, at load."""
+        context = {"add_generation_prompt": True, "bos_token": self._bos, "eos_token": self._eos}
+
+        def chat(system: str) -> list[dict[str, str]]:
+            return [{"role": "system", "content": system}, {"role": "user", "content": "hi"}]
+
+        try:
+            first, second = (self._template.render(messages=chat(p), **context) for p in "AB")
+            return first != second
+        except _TemplateRaised:
+            pass
+        except Exception:  # broken on any chat: real requests report it
+            return True
+        try:  # it refused the system message; does it take the user's alone?
+            self._template.render(messages=chat("A")[1:], **context)
+        except Exception:
+            return True  # it refuses more than system messages: leave those to it
+        return False
+
+    def _fold_system(self, messages: Sequence[ChatMessage]) -> Sequence[ChatMessage]:
+        """For a template without a system role: each system message's text opens the next
+        user message (a newline between), or becomes a user message where none follows."""
+        if not self._folds_system or all(m.role != "system" for m in messages):
+            return messages
+        folded: list[ChatMessage] = []
+        pending: list[str] = []
+        for message in messages:
+            if message.role == "system":
+                pending.append(message.content)
+                continue
+            if pending and message.role == "user":
+                text = "\n".join([*pending, message.content] if message.content else pending)
+                message = dataclasses.replace(message, content=text)
+            elif pending:  # keep the order: the system text goes before this turn
+                folded.append(ChatMessage("user", "\n".join(pending)))
+            pending = []
+            folded.append(message)
+        if pending:
+            folded.append(ChatMessage("user", "\n".join(pending)))
+        return folded
 
     def _render(self, context: dict[str, Any]) -> str:
         try:

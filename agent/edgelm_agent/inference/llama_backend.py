@@ -18,10 +18,12 @@ from typing import Any
 
 import llama_cpp
 import structlog
+from llama_cpp.llama_grammar import LlamaGrammar
 
-from edgelm_agent.errors import ModelLoadError
-from edgelm_agent.inference.special_text import special_pattern, split_special
-from edgelm_agent.inference.types import Acceleration, ModelInfo, SamplingParams
+from edgelm_agent.errors import InvalidRequest, ModelLoadError
+from edgelm_agent.inference.grammar_text import GrammarTextDecoder
+from edgelm_agent.inference.special_text import plain_tokens, special_pattern
+from edgelm_agent.inference.types import Acceleration, ModelInfo, OutputConstraint, SamplingParams
 
 log = structlog.get_logger(__name__)
 
@@ -80,6 +82,9 @@ def trained_context_length(path: Path) -> int | None:
         llama_cpp.llama_model_free(model)
 
 
+# The request field a refused constraint came from.
+_CONSTRAINT_PARAMS = {"grammar": "grammar", "tool_calls": "tools"}
+
 # llama-cpp-python's own default, so sampling matches create_completion and llama_cpp.server.
 DEFAULT_MIN_P = 0.05
 
@@ -92,13 +97,13 @@ class _PieceDecoder:
         self._size = 64
         self._buffer = ctypes.create_string_buffer(self._size)
 
-    def piece(self, token: int) -> bytes:
-        n = llama_cpp.llama_token_to_piece(self._vocab, token, self._buffer, self._size, 0, False)
+    def piece(self, token: int, special: bool = False) -> bytes:
+        n = llama_cpp.llama_token_to_piece(self._vocab, token, self._buffer, self._size, 0, special)
         if n < 0:  # buffer too small; -n is the size needed
             self._size = -n
             self._buffer = ctypes.create_string_buffer(self._size)
             n = llama_cpp.llama_token_to_piece(
-                self._vocab, token, self._buffer, self._size, 0, False
+                self._vocab, token, self._buffer, self._size, 0, special
             )
         return self._buffer.raw[:n]
 
@@ -199,9 +204,24 @@ class LlamaCppBackend:
         # special=False stops llama.cpp reading control tokens but not user-defined ones, so
         # the text is also cut inside every special text (see special_text.py).
         tokens = [self._llm.token_bos()] if add_bos else []
-        for piece in split_special(text, self._specials):
-            tokens += self._llm.tokenize(piece.encode("utf-8"), add_bos=False, special=False)
-        return tokens
+        return tokens + plain_tokens(text, self._specials, self._plain)
+
+    def _plain(self, text: str) -> list[int]:
+        return list(self._llm.tokenize(text.encode("utf-8"), add_bos=False, special=False))
+
+    def check_constraint(self, constraint: OutputConstraint) -> None:
+        # llama-cpp-python hands a grammar that does not parse to the sampler chain as a NULL
+        # sampler, which crashes; parsing it here first turns that into a 400.
+        sampler = llama_cpp.llama_sampler_init_grammar(
+            self._vocab, constraint.gbnf.encode("utf-8"), b"root"
+        )
+        if not sampler:
+            raise InvalidRequest(
+                f"{constraint.description} is not a grammar llama.cpp can use: it does not "
+                "parse, refers to an undefined rule, or a rule recurses on its left",
+                param=_CONSTRAINT_PARAMS.get(constraint.kind, "response_format"),
+            )
+        llama_cpp.llama_sampler_free(sampler)
 
     def generate(
         self, prompt: Sequence[int], params: SamplingParams, cancel: threading.Event
@@ -209,7 +229,15 @@ class LlamaCppBackend:
         llm = self._llm
         seed = params.seed if params.seed is not None else self._random.getrandbits(32)
         llm.set_seed(seed % LLAMA_RANDOM_SEED)
-        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        # Under a grammar the text must be what the grammar matched: llama.cpp reads each
+        # token as its special text (a control token such as <s> is the three characters
+        # "<s>" to it) and decodes bytes its own lenient way (see grammar_text.py).
+        constrained = params.constraint is not None
+        decoder: GrammarTextDecoder | codecs.IncrementalDecoder = (
+            GrammarTextDecoder()
+            if constrained
+            else codecs.getincrementaldecoder("utf-8")(errors="replace")
+        )
         is_eog = llama_cpp.llama_vocab_is_eog
         vocab = self._vocab
         piece = self._pieces.piece
@@ -220,6 +248,13 @@ class LlamaCppBackend:
             min_p=DEFAULT_MIN_P,
             temp=params.temperature,
             repeat_penalty=1.0,
+            # The grammar masks every token that would leave it, before top-k and the rest
+            # pick among what is left (llama-cpp-python puts it first in the chain).
+            grammar=(
+                LlamaGrammar.from_string(params.constraint.gbnf, verbose=False)
+                if params.constraint is not None
+                else None
+            ),
         )
         # A long prompt is evaluated inside one call, so a cancel must reach into it: the abort
         # callback is on while the prompt is processed. It is a Python call per graph node, too
@@ -242,7 +277,7 @@ class LlamaCppBackend:
         while token is not None:
             if cancel.is_set() or is_eog(vocab, token):
                 return
-            yield decoder.decode(piece(token))
+            yield decoder.decode(piece(token, constrained))
             token = next(tokens, None)
 
     def _forget_context(self) -> None:

@@ -2,7 +2,7 @@
 
 An ONNX GenAI model is a folder: ``genai_config.json`` (runtime settings, context length, EOS
 ids), the ONNX graph and weights, and the Hugging Face tokenizer files, whose
-``tokenizer_config.json`` carries the chat template.
+``tokenizer_config.json`` (or ``chat_template.jinja``) carries the chat template.
 """
 
 from __future__ import annotations
@@ -17,9 +17,12 @@ from typing import Any
 
 import onnxruntime_genai as og
 
-from edgelm_agent.errors import ModelLoadError
-from edgelm_agent.inference.special_text import special_pattern, split_special
-from edgelm_agent.inference.types import Acceleration, ModelInfo, SamplingParams
+from edgelm_agent.errors import InvalidRequest, ModelLoadError
+from edgelm_agent.inference.special_text import plain_tokens, special_pattern
+from edgelm_agent.inference.types import Acceleration, ModelInfo, OutputConstraint, SamplingParams
+
+#: Whether this build of onnxruntime-genai has llguidance, which constrains output.
+HAS_GUIDANCE = hasattr(og.GeneratorParams, "set_guidance")
 
 PREFILL_SLICE = 512  # tokens appended per call; bounds how long a cancel waits during prefill
 
@@ -35,6 +38,21 @@ def _read_json(path: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ModelLoadError(f"{path} must hold a JSON object")
     return data
+
+
+def _chat_template(path: Path, tokenizer_config: dict[str, Any]) -> str | None:
+    """The folder's chat template, where onnxruntime-genai 0.18 looks for it and in its order:
+    tokenizer_config.json, then chat_template.jinja (where transformers now saves it), then
+    chat_template.json."""
+    template = tokenizer_config.get("chat_template")
+    if not template and (path / "chat_template.jinja").is_file():
+        try:
+            template = (path / "chat_template.jinja").read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ModelLoadError(f"cannot read {path / 'chat_template.jinja'}: {exc}") from exc
+    if not template:
+        template = _read_json(path / "chat_template.json").get("chat_template")
+    return template if isinstance(template, str) and template else None
 
 
 def _token_text(value: Any) -> str:
@@ -122,7 +140,7 @@ class OnnxGenaiBackend:
             format="onnx",
             backend="onnxruntime-genai",
             context_length=min(context_length, trained),
-            chat_template=tokenizer_config.get("chat_template") or None,
+            chat_template=_chat_template(path, tokenizer_config),
             bos_token=_token_text(tokenizer_config.get("bos_token")),
             eos_token=_token_text(tokenizer_config.get("eos_token")),
             created=int(time.time()),
@@ -145,12 +163,29 @@ class OnnxGenaiBackend:
     def tokenize(self, text: str, *, add_bos: bool = True, special: bool = True) -> list[int]:
         # The runtime's tokenizer always reads special-token text; plain text is tokenized in
         # pieces cut inside every such text (see special_text.py).
-        pieces = [text] if special else split_special(text, self._specials)
-        ids = [int(t) for piece in pieces if piece for t in self._tokenizer.encode(piece)]
+        ids = self._encode(text) if special else plain_tokens(text, self._specials, self._encode)
         wants_bos = add_bos and self._add_bos and self._bos_id is not None
         if wants_bos and (not ids or ids[0] != self._bos_id):
             ids.insert(0, self._bos_id)  # type: ignore[arg-type]  # wants_bos: not None
         return ids
+
+    def _encode(self, text: str) -> list[int]:
+        return [int(t) for t in self._tokenizer.encode(text)] if text else []
+
+    def check_constraint(self, constraint: OutputConstraint) -> None:
+        if not HAS_GUIDANCE:
+            raise InvalidRequest(
+                f"model {self._info.model_id!r} runs on an onnxruntime-genai without guidance "
+                f"support, so it cannot hold its reply to {constraint.description}",
+                param="response_format",
+            )
+        if constraint.guidance is None:
+            raise InvalidRequest(
+                f"model {self._info.model_id!r} runs on onnxruntime-genai, whose constraints "
+                "(llguidance) take JSON schemas and tools but not GBNF grammars; the "
+                "'grammar' field needs a llama.cpp (GGUF) model",
+                param="grammar",
+            )
 
     def generate(
         self, prompt: Sequence[int], params: SamplingParams, cancel: threading.Event
@@ -170,7 +205,19 @@ class OnnxGenaiBackend:
                 search["top_k"] = params.top_k
         gen_params = og.GeneratorParams(self._model)
         gen_params.set_search_options(**search)
-        generator = og.Generator(self._model, gen_params)
+        constraint = params.constraint
+        if constraint is not None and constraint.guidance is not None:
+            gen_params.set_guidance(*constraint.guidance)
+        try:
+            generator = og.Generator(self._model, gen_params)
+        except RuntimeError as exc:
+            if constraint is None or "grammar" not in str(exc):
+                raise
+            # llguidance compiles the constraint here and refuses what it cannot enforce.
+            raise InvalidRequest(
+                f"onnxruntime-genai cannot hold the reply to {constraint.description}: {exc}",
+                param="response_format",
+            ) from exc
         # The tokenizer stream holds back bytes of an unfinished UTF-8 character, so each
         # decoded piece is valid text.
         stream = self._tokenizer.create_stream()

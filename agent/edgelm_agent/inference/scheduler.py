@@ -25,7 +25,7 @@ from typing import TypeVar, cast
 
 import structlog
 
-from edgelm_agent.errors import BackendError, NotReady, QueueFull
+from edgelm_agent.errors import BackendError, NotReady, QueueFull, RequestError
 from edgelm_agent.inference.backend import Backend, run_generation
 from edgelm_agent.inference.event_pipe import EventPipe
 from edgelm_agent.inference.types import Finished, GenerationEvent, GenerationRequest
@@ -232,6 +232,10 @@ class Scheduler:
                     made_before = cast(list[GenerationEvent], batch[: batch.index(failed)])
                     if made_before:  # text the client should still get before the error
                         yield made_before
+                    if isinstance(failed.exc, RequestError):
+                        # The runtime refused this request (a constraint it cannot compile):
+                        # the client's fault, not a failing model.
+                        raise failed.exc
                     self._hooks.on_failed(failed.exc)
                     log.error(
                         "generation_failed", request_id=request.request_id, error=repr(failed.exc)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import bisect
 import itertools
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 
 def special_pattern(specials: Iterable[str]) -> re.Pattern[str] | None:
@@ -36,6 +36,35 @@ def split_special(text: str, pattern: re.Pattern[str] | None) -> list[str]:
         cuts.append(found.start() + 1)
     cuts.append(len(text))
     return [text[a:b] for a, b in itertools.pairwise(cuts) if b > a]
+
+
+#: Written before each piece after a cut, then its tokens are dropped (see plain_tokens).
+JOINER = "\n"
+
+
+def plain_tokens(
+    text: str, pattern: re.Pattern[str] | None, encode: Callable[[str], list[int]]
+) -> list[int]:
+    """The tokens of ``text`` read as plain text: cut by :func:`split_special`, each piece
+    encoded apart by ``encode``.
+
+    SentencePiece-style tokenizers (Llama 2, Phi-3) begin every text they encode with a word
+    start, a space: encoded apart, the pieces would get a space at every cut, and the model
+    would read ``<|end|>`` as ``< |end|>``. So each piece after the first is encoded behind a
+    newline (which begins every text alike and joins no piece) and the newline's tokens are
+    dropped; where they do not come first, the piece is encoded alone.
+    """
+    pieces = split_special(text, pattern)
+    tokens = encode(pieces[0]) if pieces else []
+    lead = encode(JOINER) if len(pieces) > 1 else []
+    for piece in pieces[1:]:
+        joined = JOINER + piece
+        both = encode(joined) if pattern is None or not pattern.search(joined) else []
+        if lead and both[: len(lead)] == lead:
+            tokens += both[len(lead) :]
+        else:
+            tokens += encode(piece)
+    return tokens
 
 
 def touches_special(

@@ -28,6 +28,23 @@ class SamplingDefaults:
 
 
 @dataclass(frozen=True)
+class OutputConstraint:
+    """What the output must match, in the forms the runtimes take; the backend applies it to
+    every token as it is picked, so the output cannot leave it (it can only stop early).
+
+    ``gbnf`` is for llama.cpp's grammar sampler. ``guidance`` is for llguidance in
+    onnxruntime-genai, as its (type, data) pair (``json_schema`` or ``lark_grammar``); None when
+    the constraint has no such form (a client's GBNF grammar), and then that runtime refuses it.
+    """
+
+    kind: Literal["json_object", "json_schema", "grammar", "tool_calls"]
+    gbnf: str
+    guidance: tuple[str, str] | None = None
+    #: What the output is held to, for messages: "the JSON schema 'person'".
+    description: str = ""
+
+
+@dataclass(frozen=True)
 class SamplingParams:
     """How to pick tokens. ``temperature == 0`` means greedy decoding."""
 
@@ -37,6 +54,7 @@ class SamplingParams:
     top_k: int = 0
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    constraint: OutputConstraint | None = None
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ from edgelm_agent.errors import InvalidRequest, shown
 from edgelm_agent.generation.openai_schema import finite_number, parse_chat, parse_completion
 from edgelm_agent.generation.prepare import kind_of
 from edgelm_agent.jobs import store
+from edgelm_agent.residency import parse_keep_alive
 
 MAX_METADATA_BYTES = 16 << 10
 MAX_KEY_CHARS = 128
@@ -33,6 +34,8 @@ def parse_job(body: dict[str, Any], now: float) -> store.JobSpec:
         raise InvalidRequest("jobs cannot stream; leave 'stream' out", param="request.stream")
     kind = kind_of(request)
     (parse_chat if kind == "chat" else parse_completion)(request)  # 400 now, not at run time
+    if "keep_alive" in request:  # how long the job's model stays loaded after it
+        parse_keep_alive(request["keep_alive"])
     priority = body.get("priority", 0)
     if isinstance(priority, bool) or not isinstance(priority, int) or not -100 <= priority <= 100:
         raise InvalidRequest(

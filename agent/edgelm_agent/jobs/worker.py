@@ -2,7 +2,10 @@
 
 Jobs take the scheduler's background lane, so a person at the kiosk is served first and jobs
 still get their share. A job runs only on the model it names: jobs for another model wait in
-the queue (bounded by their TTL) until that model is served.
+the queue (bounded by their TTL) until that model is served. With a RAM budget, every installed
+chat model can be served: a job naming one takes a lease on it as a request does (see
+:mod:`edgelm_agent.model_cache`), loading it first if needed, and holds it until its generation
+has ended, so no unload closes the model under the job.
 
 Failures are sorted by who is at fault: a request that can never work (bad fields, too long)
 fails at once; a busy or failing runtime is retried with backoff until the job's attempts run
@@ -18,8 +21,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable
-from contextlib import aclosing
+from collections.abc import Callable, Sequence
+from contextlib import AbstractAsyncContextManager, aclosing, nullcontext
 from typing import Any
 
 import structlog
@@ -30,6 +33,8 @@ from edgelm_agent.generation.prepare import kind_of, prepare
 from edgelm_agent.inference.types import Finished, TextDelta
 from edgelm_agent.jobs import store
 from edgelm_agent.jobs.database import Database
+from edgelm_agent.model_cache import DEFAULT_KEEP_ALIVE, KeepAlive, ModelCache
+from edgelm_agent.residency import parse_keep_alive
 from edgelm_agent.serving import ModelHost, ServingModel
 from edgelm_agent.valid_unicode import first_invalid_text
 
@@ -57,9 +62,13 @@ class JobWorker:
             "code": exc.code,
             "message": str(exc),
         },
+        models: ModelCache | None = None,
     ) -> None:
         self.db = db
         self.host = host
+        #: Leases on the models jobs run on, which loads them on demand; ``None``: jobs run
+        #: on the active model only (tests of the queue alone).
+        self.models = models
         self.retention_s = retention_s
         self.retention_count = retention_count
         self.idle_poll_s = idle_poll_s
@@ -87,15 +96,16 @@ class JobWorker:
         if recovered:
             log.info("jobs_recovered", count=recovered)
         while True:
-            if self.host.active is None or self.host.draining:
+            names = await self._runnable()
+            if not names:
                 # No model to run on: wait rather than spend the jobs' attempts on NotReady,
                 # but let deadlines pass as they would with one.
                 await self.db.run(store.expire(time.time()))
-                await self._idle()
+                await self._idle(names)
                 continue
-            job = await self.db.run(store.claim(time.time(), self.host.active.names))
+            job = await self.db.run(store.claim(time.time(), names))
             if job is None:
-                await self._idle()
+                await self._idle(names)
                 continue
             task = asyncio.get_running_loop().create_task(self._execute(job))
             self._running[job["id"]] = task
@@ -109,14 +119,20 @@ class JobWorker:
             finally:
                 self._running.pop(job["id"], None)
 
-    async def _idle(self) -> None:
+    async def _runnable(self) -> Sequence[str]:
+        """The model names whose jobs can run now."""
+        if self.models is not None:
+            return await self.models.runnable_names()
+        active = self.host.active
+        return () if active is None or self.host.draining else active.names
+
+    async def _idle(self, names: Sequence[str]) -> None:
         now = time.time()
         if now - self._last_prune > 60:
             self._last_prune = now
             await self.db.run(store.prune(self.retention_s, self.retention_count))
         self._wake.clear()  # before the query: a wake() during it must not be lost
-        active = self.host.active
-        due = await self.db.read(store.next_due(active.names)) if active is not None else None
+        due = await self.db.read(store.next_due(names)) if names else None
         wait_s = self.idle_poll_s if due is None else max(0.0, min(self.idle_poll_s, due - now))
         # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a cancel that
         # arrives as the wait ends, and then the worker would not stop (CPython gh-86296).
@@ -177,18 +193,31 @@ class JobWorker:
         invalid = first_invalid_text(request, "request")
         if invalid is not None:  # stored before the agent checked this at the door
             raise InvalidRequest(invalid.message, param=invalid.param)
-        prepared = await prepare(request, self.host, kind_of(request))
-        model = prepared.model
-        generation = prepared.request(job["id"])
-        texts: list[str] = []
-        finished: Finished | None = None
-        async with aclosing(model.scheduler.generate(generation, background=True)) as batches:
-            async for batch in batches:
-                texts.extend(e.text for e in batch if isinstance(e, TextDelta))
-                if isinstance(batch[-1], Finished):
-                    finished = batch[-1]
+        keep_alive: KeepAlive = DEFAULT_KEEP_ALIVE
+        if "keep_alive" in request:  # as on /v1/chat/completions: the model's, not the body's
+            keep_alive = parse_keep_alive(request.pop("keep_alive"))
+        async with self._lease(request, keep_alive):
+            prepared = await prepare(request, self.host, kind_of(request))
+            model = prepared.model
+            generation = prepared.request(job["id"])
+            texts: list[str] = []
+            finished: Finished | None = None
+            async with aclosing(model.scheduler.generate(generation, background=True)) as batches:
+                async for batch in batches:
+                    texts.extend(e.text for e in batch if isinstance(e, TextDelta))
+                    if isinstance(batch[-1], Finished):
+                        finished = batch[-1]
         assert finished is not None
         if finished.reason == "cancelled":  # stopped at shutdown: not an answer to store
             raise GenerationInterrupted("the generation was stopped", retry_after_s=5)
         usage = Usage(len(prepared.tokens), finished.completion_tokens)
         return prepared.formatter.full("".join(texts), finished.reason, usage), model
+
+    def _lease(
+        self, request: dict[str, Any], keep_alive: KeepAlive
+    ) -> AbstractAsyncContextManager[None]:
+        """The job's model held in memory (loaded first if need be) while the job runs."""
+        name = request.get("model")
+        if self.models is None or not isinstance(name, str) or not name:
+            return nullcontext()  # a bad model field: prepare() says what is wrong
+        return self.models.lease(name, keep_alive)

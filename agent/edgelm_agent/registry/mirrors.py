@@ -7,6 +7,13 @@ checks, because trust comes from the signatures, never from where the bytes came
 * :class:`MirrorFetcher` plugs into python-tuf's ngclient for metadata.
 * :func:`download_resumable` fetches model files with HTTP Range requests into a partial file,
   so an interrupted download resumes where it stopped; at most the chunk in flight is lost.
+
+The fleet's own repository is a :class:`PinnedMirror`: an ``https://`` URL that carries the CA
+bundle its server must chain to (the fleet CA from the enrollment), so it is verified against
+that alone, never the system's trust store. It is a ``str``, so it passes with its trust
+intact through code that only knows mirror strings (the registry, python-tuf's updater), and
+:func:`subfolder` keeps it pinned. Other ``https://`` mirrors (a site's cache with a public
+certificate) use the system's store.
 """
 
 from __future__ import annotations
@@ -14,9 +21,11 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+import ssl
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Self
 
 import urllib3
 from tuf.api import exceptions as tuf_exceptions
@@ -42,6 +51,73 @@ def _join(mirror: str, relative: str) -> str:
     return mirror.rstrip("/") + "/" + relative
 
 
+class PinnedMirror(str):
+    """An ``https://`` mirror whose server certificate must chain to ``ca_file`` (PEM, one
+    or more CA certificates), and to nothing else."""
+
+    ca_file: Path
+
+    def __new__(cls, url: str, ca_file: Path) -> Self:
+        if not url.startswith("https://"):
+            raise ValueError(f"a pinned mirror is an https:// URL, got {url!r}")
+        mirror = super().__new__(cls, url)
+        mirror.ca_file = ca_file
+        return mirror
+
+    def __getnewargs__(self) -> tuple[str, Path]:  # type: ignore[override]  # copy and pickle
+        return (str(self), self.ca_file)
+
+
+def subfolder(mirror: str, name: str) -> str:
+    """``mirror``/``name`` (a URL or a folder); a pinned mirror stays pinned to its CA."""
+    if isinstance(mirror, PinnedMirror):
+        return PinnedMirror(_join(mirror, name), mirror.ca_file)
+    return _join(mirror, name) if _is_http(mirror) else str(Path(mirror) / name)
+
+
+def pinned_context(ca_file: Path) -> ssl.SSLContext:
+    """A client context that trusts the CAs in ``ca_file`` only (not the system's store) and
+    checks the server's name, TLS 1.2 or newer."""
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(ca_file))
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    return context
+
+
+class MirrorPools:
+    """One urllib3 pool per trust anchor: ``default`` (the system's store) for plain mirrors,
+    one per CA file for pinned ones, made when first needed."""
+
+    def __init__(self, default: urllib3.PoolManager | None = None) -> None:
+        self._default = default or urllib3.PoolManager(retries=False)
+        self._pinned: dict[Path, urllib3.PoolManager] = {}
+
+    def for_mirror(self, mirror: str) -> urllib3.PoolManager:
+        if not isinstance(mirror, PinnedMirror):
+            return self._default
+        pool = self._pinned.get(mirror.ca_file)
+        if pool is None:
+            try:
+                context = pinned_context(mirror.ca_file)
+            except (OSError, ssl.SSLError) as exc:
+                raise DownloadError(
+                    f"cannot load the fleet CA {mirror.ca_file} to verify {mirror}: {exc}"
+                ) from exc
+            pool = self._pinned[mirror.ca_file] = urllib3.PoolManager(
+                retries=False, ssl_context=context
+            )
+        return pool
+
+
+def _failure(mirror: str, exc: Exception) -> str:
+    """What went wrong with ``mirror``, in words: a refused certificate names the CA."""
+    if isinstance(exc, urllib3.exceptions.SSLError) and isinstance(mirror, PinnedMirror):
+        return (
+            f"{mirror}: TLS: the server's certificate does not verify against the fleet CA "
+            f"({mirror.ca_file}): {exc}"
+        )
+    return f"{mirror}: {exc}"
+
+
 class MirrorFetcher(FetcherInterface):
     def __init__(
         self,
@@ -54,7 +130,7 @@ class MirrorFetcher(FetcherInterface):
             raise ValueError("at least one mirror is needed")
         self.mirrors = mirrors
         self._timeout = urllib3.Timeout(connect=timeout_s, read=timeout_s)
-        self._pool = pool or urllib3.PoolManager(retries=False)
+        self._pools = MirrorPools(pool)
 
     def _fetch(self, url: str) -> Iterator[bytes]:
         relative = url.removeprefix(MIRROR_URL)
@@ -66,8 +142,8 @@ class MirrorFetcher(FetcherInterface):
             except tuf_exceptions.DownloadHTTPError as exc:
                 not_found += exc.status_code == 404
                 failures.append(f"{mirror}: HTTP {exc.status_code}")
-            except (OSError, urllib3.exceptions.HTTPError) as exc:
-                failures.append(f"{mirror}: {exc}")
+            except (OSError, urllib3.exceptions.HTTPError, DownloadError) as exc:
+                failures.append(_failure(mirror, exc))
         if not_found:  # ngclient reads 404 as "no newer root"; dead mirrors must not mask it
             raise tuf_exceptions.DownloadHTTPError(f"{relative} not found on any mirror", 404)
         raise tuf_exceptions.DownloadError(f"cannot fetch {relative}: " + "; ".join(failures))
@@ -78,7 +154,7 @@ class MirrorFetcher(FetcherInterface):
             if not path.is_file():
                 raise tuf_exceptions.DownloadHTTPError(f"{path} not found", 404)
             return _as_download_errors(_read_chunks(path, 0))
-        response = self._pool.request(
+        response = self._pools.for_mirror(mirror).request(
             "GET", _join(mirror, relative), preload_content=False, timeout=self._timeout
         )
         if response.status != 200:
@@ -137,9 +213,10 @@ def download_resumable(
     """Complete ``partial`` up to ``length`` bytes from the first mirror that serves it.
 
     Returns the number of bytes fetched in this call. The caller checks the hash: this only
-    guarantees the length, and refuses a mirror that sends more than was signed.
+    guarantees the length, and refuses a mirror that sends more than was signed. ``pool``
+    serves plain mirrors; a :class:`PinnedMirror` always gets a pool of its own CA.
     """
-    pool = pool or urllib3.PoolManager(retries=False)
+    pools = MirrorPools(pool)
     timeout = urllib3.Timeout(connect=timeout_s, read=timeout_s)
     failures: list[str] = []
     refused = 0  # mirrors that said no for good
@@ -153,7 +230,9 @@ def download_resumable(
         progress(have)
         try:
             if _is_http(mirror):
-                chunks, have = _http_range(pool, _join(mirror, relative), have, timeout)
+                chunks, have = _http_range(
+                    pools.for_mirror(mirror), _join(mirror, relative), have, timeout
+                )
             else:
                 source = Path(mirror) / relative
                 if not source.is_file():
@@ -168,10 +247,10 @@ def download_resumable(
                 raise InsufficientSpace(
                     needed_bytes=length - have, available_bytes=free, path=str(partial.parent)
                 ) from exc
-            failures.append(f"{mirror}: {exc}")
+            failures.append(_failure(mirror, exc))
         except (urllib3.exceptions.HTTPError, DownloadError) as exc:
             refused += isinstance(exc, DownloadRefused)
-            failures.append(f"{mirror}: {exc}")
+            failures.append(_failure(mirror, exc))
     error = DownloadRefused if failures and refused == len(failures) else DownloadError
     raise error(f"cannot download {relative}: " + "; ".join(failures))
 

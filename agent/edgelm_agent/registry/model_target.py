@@ -12,16 +12,22 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from edgelm_agent.errors import InvalidRequest
+from edgelm_agent.generation.presets import check_preset
 from edgelm_agent.inference.types import MAX_CONTEXT_LENGTH
 from edgelm_agent.registry.errors import InvalidModelMetadata, TargetMismatch, UnsafeTargetPath
 from edgelm_protocol import errors as protocol_errors
 from edgelm_protocol import targets as schema
+from edgelm_protocol.presets import Preset, parse_presets
 from edgelm_protocol.targets import (
     BACKEND_FOR_FORMAT,
     BUNDLE_FILE,
+    EMBEDDING,
     FILENAME_RE,
+    GENERATION,
     MIN_CONTEXT_LENGTH,
     NAME_RE,
+    ROLES,
     VERSION_RE,
     HealthCheck,
     ModelTarget,
@@ -32,14 +38,19 @@ from edgelm_protocol.targets import (
 __all__ = [
     "BACKEND_FOR_FORMAT",
     "BUNDLE_FILE",
+    "EMBEDDING",
     "FILENAME_RE",
+    "GENERATION",
     "MIN_CONTEXT_LENGTH",
     "NAME_RE",
+    "ROLES",
     "VERSION_RE",
     "HealthCheck",
     "ModelTarget",
     "Sampling",
     "check_name",
+    "check_presets",
+    "check_role",
     "check_version",
     "model_target_from_dict",
     "parse_model_target",
@@ -72,6 +83,11 @@ def check_version(version: str) -> str:
         return schema.check_version(version)
 
 
+def check_role(role: str) -> str:
+    with translated():
+        return schema.check_role(role)
+
+
 def split_target_path(path: str) -> tuple[str, str, str]:
     with translated():
         return schema.split_target_path(path)
@@ -96,7 +112,30 @@ def parse_model_target(
             f"target {path!r}: context_length must be at most {MAX_CONTEXT_LENGTH}, "
             f"got {target.context_length}"
         )
+    _check_with_the_api(target.presets, f"target {path!r}")
     return target
+
+
+def check_presets(raw: Any, *, context_length: int) -> tuple[Preset, ...]:
+    """A ``presets`` object about to be signed (``edgelm models import --presets``), checked
+    as the schema and the API would check it once signed."""
+    with translated():
+        presets = parse_presets(raw, "import", context_length=context_length, field_name="presets")
+    _check_with_the_api(presets, "import")
+    return presets
+
+
+def _check_with_the_api(presets: tuple[Preset, ...], where: str) -> None:
+    """Each preset's schema and tools through the request parsers, grammar included: a preset
+    the API would refuse is refused when its model is imported or installed, not when a
+    request selects it on a device far away."""
+    for preset in presets:
+        try:
+            check_preset(preset)
+        except InvalidRequest as exc:
+            raise InvalidModelMetadata(
+                f"{where}: preset {preset.name!r} would be refused by the API: {exc}"
+            ) from exc
 
 
 def model_target_from_dict(data: dict[str, Any]) -> ModelTarget:

@@ -47,18 +47,22 @@ from edgelm_agent.registry.errors import (
     VersionConflict,
 )
 from edgelm_agent.registry.import_source import ImportSource
-from edgelm_agent.registry.mirrors import download_resumable
+from edgelm_agent.registry.mirrors import download_resumable, subfolder
 from edgelm_agent.registry.model_target import (
     BACKEND_FOR_FORMAT,
     BUNDLE_FILE,
+    GENERATION,
     NAME_RE,
     ModelTarget,
     check_name,
+    check_presets,
+    check_role,
     check_version,
     target_path,
 )
 from edgelm_agent.registry.state import RegistryState, StateFile
 from edgelm_agent.registry.trust import TrustClient, targets_signers
+from edgelm_protocol.presets import presets_custom
 from edgelm_protocol.repository.atomic_file import write_atomic
 from edgelm_protocol.repository.writer import RepositoryWriter
 
@@ -126,6 +130,15 @@ def _offered_names(targets_json: Path) -> set[str]:
             names.add(parts[1])
             names.add(f"{parts[1]}@{parts[2]}")
     return names
+
+
+def default_version(sha256: str, presets: dict[str, Any] | None) -> str:
+    """The version of an import that names none: the content's digest, and the presets' too,
+    so the same file imported with other presets is another version, not a conflict."""
+    if not presets:
+        return f"sha256-{sha256[:12]}"
+    text = json.dumps(presets, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return f"sha256-{sha256[:12]}-p{hashlib.sha256(text.encode()).hexdigest()[:8]}"
 
 
 def name_from_filename(path: Path) -> str:
@@ -419,12 +432,7 @@ class Registry:
             progress("download", fetched, length)
 
         download_resumable(
-            [
-                f"{m}/targets"
-                if m.startswith(("http://", "https://"))
-                else str(Path(m) / "targets")
-                for m in self._mirrors()
-            ],
+            [subfolder(m, "targets") for m in self._mirrors()],
             relative,
             partial,
             length,
@@ -463,8 +471,14 @@ class Registry:
         quantization: str = "unknown",
         progress: Progress = _no_progress,
         cancel: threading.Event | None = None,
+        role: str = GENERATION,
+        presets: dict[str, Any] | None = None,
     ) -> ModelTarget:
         """Sign a local GGUF file or ONNX folder into this device's repository, then install it.
+
+        ``presets`` (the signed form, see edgelm_protocol.presets) are checked as the API will
+        use them before anything is read, and signed with the model: a version holds one set
+        of presets for ever, and without ``version`` the default one names both.
 
         The source is scanned once and read only through what the scan opened (see
         import_source.py). Its size is checked against the free disk right after the scan;
@@ -483,10 +497,24 @@ class Registry:
             )
         name = check_name(name) if name else name_from_filename(source)
         version = check_version(version) if version else None
+        role = check_role(role)
+        signed_presets = (
+            presets_custom(check_presets(presets, context_length=context_length))
+            if presets
+            else None
+        )
         with ImportSource.scan(source) as tree:
             self._crash_point("import.scanned")
             version = self._sign_import(
-                tree, name, version, context_length, quantization, progress, cancel
+                tree,
+                name,
+                version,
+                context_length,
+                quantization,
+                progress,
+                cancel,
+                role,
+                presets=signed_presets,
             )
         return self.install(name, version, progress)
 
@@ -499,10 +527,18 @@ class Registry:
         quantization: str,
         progress: Progress,
         cancel: threading.Event | None,
+        role: str = GENERATION,
+        *,
+        presets: dict[str, Any] | None = None,
     ) -> str:
         """Hash, check, store and sign the scanned source; return the version signed."""
         source = tree.root
         fmt = "onnx" if tree.is_folder else "gguf"
+        if role != GENERATION and fmt != "gguf":
+            raise InvalidModelMetadata(
+                f"{source} is an ONNX folder; an {role} model must be a GGUF file (served by "
+                "llama.cpp)"
+            )
         if fmt == "gguf":
             with tree.open(tree.members[0]) as f:
                 if f.read(4) != GGUF_MAGIC:
@@ -535,7 +571,7 @@ class Registry:
             manifest = build_manifest(members)
             sha256 = hashlib.sha256(manifest).hexdigest()
             filename = BUNDLE_FILE
-        version = version or f"sha256-{sha256[:12]}"
+        version = version or default_version(sha256, presets)
         signed_path = target_path(name, version, filename)
         writer = self._local_writer()
         same_version = [
@@ -551,6 +587,18 @@ class Registry:
             raise VersionConflict(
                 f"{name}@{version} already exists with other content; "
                 "versions never change, so import under a new version"
+            )
+        signed = existing.unrecognized_fields.get("custom", {}) if existing is not None else {}
+        signed_role = signed.get("edgelm", {}).get("role", GENERATION) if signed else role
+        if signed_role != role:
+            raise VersionConflict(
+                f"{name}@{version} is already imported with role {signed_role}; versions "
+                f"never change, so import it with role {role} under a new --version"
+            )
+        if existing is not None and (signed.get("edgelm", {}).get("presets") or None) != presets:
+            raise VersionConflict(
+                f"{name}@{version} is already imported with other presets; presets are signed "
+                "with the model and versions never change, so import under a new --version"
             )
         for relative in tree.members:
             self.blobs.import_stream(
@@ -577,6 +625,10 @@ class Registry:
                 "health_check": {},
             }
         }
+        if role != GENERATION:  # absent means generation, as in metadata signed before roles
+            custom["edgelm"]["role"] = role
+        if presets:
+            custom["edgelm"]["presets"] = presets
         if existing is None:
             for member in members:
                 writer.place_file(

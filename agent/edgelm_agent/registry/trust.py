@@ -9,6 +9,12 @@ signatures, thresholds, versions, expiry, lengths and hashes). Around it we add 
   has no public setting for it, so we set the trusted set's ``reference_time`` right after
   construction, before any metadata is loaded; the pinned python-tuf version keeps that stable;
 * translation of python-tuf's exceptions into the registry's own, by class, never by message.
+
+ngclient keeps the newest root it verified as ``metadata/root.json`` (each version under
+``metadata/root_history/``), having walked every ``N+1.root.json`` the repository serves, each
+signed by a threshold of the previous root's keys and of its own. :func:`trusted_root_director_keys`
+reads the fleet's director keys from that root: the only place a fleet device learns them
+after enrollment (see :mod:`edgelm_protocol.root_director`).
 """
 
 from __future__ import annotations
@@ -34,6 +40,8 @@ from edgelm_agent.registry.errors import (
 )
 from edgelm_agent.registry.mirrors import MIRROR_URL, MirrorFetcher
 from edgelm_agent.registry.model_target import ModelTarget, parse_model_target
+from edgelm_protocol.errors import InvalidKey
+from edgelm_protocol.root_director import director_keys_of
 
 
 @dataclass(frozen=True)
@@ -150,6 +158,33 @@ def targets_signers(metadata_dir: Path) -> tuple[str, ...]:
     except (OSError, ValueError, tuf_exceptions.RepositoryError):
         return ()
     return tuple(sorted(result.signed))
+
+
+@dataclass(frozen=True)
+class RootDirectorKeys:
+    """The director keys (PEM) a verified root lists, and that root's version."""
+
+    root_version: int
+    keys: tuple[str, ...]
+
+
+def trusted_root_director_keys(metadata_dir: Path) -> RootDirectorKeys | None:
+    """The director keys of the newest root ngclient verified into ``metadata_dir``.
+
+    ``None`` when there is no such root (yet, or for a moment while ngclient moves its
+    ``root.json`` link) or it lists none. A root whose field is unusable raises
+    :class:`RepositoryError`: it was signed by the root keys, so it is the fleet's own mistake,
+    and the caller keeps the keys it had.
+    """
+    try:
+        root = Metadata[Root].from_bytes((metadata_dir / "root.json").read_bytes()).signed
+    except (OSError, ValueError, tuf_exceptions.RepositoryError):
+        return None
+    try:
+        keys = director_keys_of(root)
+    except InvalidKey as exc:
+        raise RepositoryError(f"the trusted root's director keys are unusable: {exc}") from exc
+    return None if keys is None else RootDirectorKeys(int(root.version), keys)
 
 
 def _as_dict(value: Any) -> dict[str, Any] | None:

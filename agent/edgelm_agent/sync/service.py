@@ -12,6 +12,12 @@ runs five loops under one task group:
 * **desired**: the newest verified desired state applied (install, then activate with the
   health check), a newer one cancelling the one in progress.
 
+The director keys it verifies with come from :mod:`edgelm_agent.sync.director_trust`: the
+bundle's, replaced by those of a newer verified TUF root after each refresh (a failed one too:
+python-tuf keeps every root it verified before it fetches the rest). A desired state signed
+by an unknown key waits for a refresh through that module's :class:`KeyRefreshGate`: one
+state, one refresh at a time, ``sync_key_refresh_interval_s`` apart.
+
 Offline is the normal case: nothing in serving, jobs or the registry waits for this service,
 and while the broker is unreachable the outbox simply fills (within its caps).
 """
@@ -47,6 +53,7 @@ from edgelm_agent.registry.registry import Registry
 from edgelm_agent.registry.state import RegistryState
 from edgelm_agent.serving import ModelHost
 from edgelm_agent.sync import registry_events
+from edgelm_agent.sync.director_trust import DirectorTrust, KeyRefreshGate
 from edgelm_agent.sync.session import (
     AckInbound,
     Action,
@@ -57,6 +64,7 @@ from edgelm_agent.sync.session import (
     Publish,
     PublishState,
     Refresh,
+    RefreshForKey,
     ReportEvent,
     Subscribe,
     SyncSession,
@@ -165,10 +173,14 @@ class SyncService:
         self.worker = worker
         self.metrics = metrics
         self.stats = SystemStats(config.state_dir)
+        self.director_trust = DirectorTrust(
+            config.state_dir, enrollment, registry.config.root / "metadata"
+        )
+        self.director_trust.learn()  # the root verified at enrollment may name the keys
         self.session = SyncSession(
             fleet=enrollment.fleet,
             device=enrollment.device_id,
-            keys=enrollment.director(),
+            keys=self.director_trust.keys,
             agent_version=__version__,
             ack_timeout_s=config.sync_ack_timeout_s,
         )
@@ -176,6 +188,12 @@ class SyncService:
         self._desired: DesiredRun | None = None
         self._registry_changed = asyncio.Event()
         self._refresh_task: asyncio.Task[None] | None = None
+        self._refreshes_begun = 0  # metadata refreshes started, and the newest one finished
+        self._refresh_done = 0
+        self._key_gate: KeyRefreshGate[RefreshForKey] = KeyRefreshGate(
+            config.sync_key_refresh_interval_s
+        )
+        self._key_task: asyncio.Task[None] | None = None
 
     # --- what the local API shows ---
 
@@ -232,6 +250,8 @@ class SyncService:
         finally:
             if self._refresh_task is not None:
                 self._refresh_task.cancel()  # its thread finishes on its own; nothing waits
+            if self._key_task is not None:
+                self._key_task.cancel()
             await self._stop_desired()
             await self._goodbye(client)
 
@@ -343,6 +363,14 @@ class SyncService:
         elif isinstance(action, Refresh):
             log.info("repository_announced", timestamp_version=action.timestamp_version)
             self._schedule_refresh()
+        elif isinstance(action, RefreshForKey):
+            log.info("desired_key_unknown", keyids=[k[:16] for k in action.keyids])
+            replaced = self._key_gate.offer(action, asked=self._refreshes_begun)
+            if replaced is not None:
+                log.warning("desired_key_refresh_dropped",
+                            keyids=[k[:16] for k in replaced.keyids])  # fmt: skip
+            if self._key_task is None or self._key_task.done():
+                self._key_task = asyncio.get_running_loop().create_task(self._unknown_keys())
         elif isinstance(action, Dropped):
             log.warning("sync_message_dropped", topic=action.topic, code=action.code,
                         reason=action.reason[:500])  # fmt: skip
@@ -362,17 +390,56 @@ class SyncService:
     async def _refresh_now(self) -> None:
         """Fetch and verify the repository's metadata, in the registry thread as the local
         API does (never beside an activation); a failure is only logged."""
+        self._refreshes_begun += 1
+        number = self._refreshes_begun
         try:
-            offered = await self.models.exclusive_work(
-                lambda cancel: self.registry.available(), what="metadata refresh"
-            )
-        except EdgelmError as exc:
-            log.warning("repository_refresh_failed", error=f"{exc.code}: {exc}"[:500])
-            return
-        except Exception:  # a bug here must not kill the sync service
+            try:
+                offered = await self.models.exclusive_work(
+                    lambda cancel: self.registry.available(), what="metadata refresh"
+                )
+                log.info("repository_refreshed", offered=len(offered))
+            except EdgelmError as exc:
+                log.warning("repository_refresh_failed", error=f"{exc.code}: {exc}"[:500])
+            except Exception:  # a bug here must not kill the sync service
+                log.exception("repository_refresh_failed")
+            # Whether or not the refresh succeeded: python-tuf persists each root it verified
+            # before it fetches the timestamp, and a network that lets the roots through but
+            # blocks the rest must not keep this device on a retired director key.
+            await self._learn_director_keys()
+        finally:  # after the keys: a state waiting on this refresh is verified with them
+            self._refresh_done = max(self._refresh_done, number)
+
+    async def _learn_director_keys(self) -> None:
+        try:
+            keys = await asyncio.to_thread(self.director_trust.learn)  # from the verified root
+        except Exception:  # the file could not be written, say: the next refresh tries again
             log.exception("repository_refresh_failed")
             return
-        log.info("repository_refreshed", offered=len(offered))
+        if keys is not None:
+            self.session.keys = keys
+
+    async def _unknown_keys(self) -> None:
+        """Desired states signed by unknown keys, one at a time: the newest waiting one gets
+        a refresh (unless one begun since it came has finished), no sooner than
+        ``sync_key_refresh_interval_s`` after the last such refresh began, and is then
+        verified once more, under the keys the refreshed root names."""
+        gate = self._key_gate
+        while (waiting := gate.peek()) is not None:
+            if self._refresh_done <= waiting.asked:  # none begun since it came has finished
+                pause = gate.wait_s(time.monotonic())
+                if pause > 0:
+                    log.info("desired_key_refresh_deferred", retry_in_s=round(pause, 1))
+                    await asyncio.sleep(pause)
+                    continue  # a newer state may have taken its place meanwhile
+                gate.take()
+                gate.started(time.monotonic())
+                await self._refresh_now()
+            else:
+                gate.take()
+            action = waiting.item
+            await self._do(
+                self.session.retry_desired(action.topic, action.document, int(time.time()))
+            )
 
     async def _publish(self, client: MqttClient, action: Publish) -> None:
         try:

@@ -12,7 +12,9 @@ machine.
     connected(now)                     ──►   Subscribe, Publish(presence online), PublishState
     disconnected()                           (every durable message is resent after it)
     message(topic, payload, token, now) ──►  AckInbound, DeleteOutbox, ApplyDesired,
-                                             EnqueueJob, ReportEvent, Refresh, Dropped
+                                             EnqueueJob, ReportEvent, Refresh, Dropped,
+                                             RefreshForKey
+    retry_desired(topic, document, now) ──►  ApplyDesired, or Dropped + ReportEvent
     outbox(messages, now)              ──►   Publish (each message at most once per
                                              ack timeout), DeleteOutbox (what can never go)
     published(message) / publish_failed(message)
@@ -31,6 +33,12 @@ Delivery rules kept here:
   sequence above the last applied or in progress, not expired); a newer one supersedes the one
   in progress; the retained copy of the state last applied, which the broker replays at every
   connect, is ignored quietly, while an older sequence is reported as a replay.
+* **Keys from the root only.** A desired state whose signatures are all by keys the device
+  does not know may be the director's new key, named by a root the device has not walked to
+  yet: ``RefreshForKey`` asks the shell to refresh the TUF metadata (which may change
+  ``keys``, from the verified root) and hand the document back through
+  :meth:`SyncSession.retry_desired`, which verifies it once more and refuses it for good if
+  it still fails. Nothing in a message ever adds a key.
 """
 
 from __future__ import annotations
@@ -49,6 +57,7 @@ from edgelm_protocol import (
     Envelope,
     Event,
     EventKind,
+    ForgedDesiredState,
     JobResult,
     MessageRefused,
     MessageTooLarge,
@@ -139,6 +148,16 @@ class Refresh:
 
 
 @dataclass(frozen=True)
+class RefreshForKey:
+    """A desired state signed only by keys this device does not trust (yet): refresh the
+    repository's metadata, then pass it to :meth:`SyncSession.retry_desired`."""
+
+    topic: str
+    document: DesiredDocument
+    keyids: tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class Dropped:
     """A message that was refused or could not be sent: the shell logs it."""
 
@@ -157,6 +176,7 @@ Action = (
     | EnqueueJob
     | ReportEvent
     | Refresh
+    | RefreshForKey
     | Dropped
 )
 
@@ -254,7 +274,14 @@ class SyncSession:
             AckInbound(token),
         ]
 
-    def _desired(self, topic: str, document: DesiredDocument, now_s: int) -> list[Action]:
+    def retry_desired(self, topic: str, document: DesiredDocument, now_s: int) -> list[Action]:
+        """The document of a ``RefreshForKey``, after the refresh: acted on if it verifies
+        now, else refused (reported), with no second refresh."""
+        return self._desired(topic, document, now_s, retried=True)
+
+    def _desired(
+        self, topic: str, document: DesiredDocument, now_s: int, *, retried: bool = False
+    ) -> list[Action]:
         newest = max(self.applied_sequence, self.in_progress.sequence if self.in_progress else 0)
         try:
             state = verify_desired(
@@ -268,6 +295,11 @@ class SyncSession:
         except StaleDesiredState as exc:
             if exc.sequence == newest:
                 return []  # the retained copy of what we applied or apply now: nothing new
+            return self._rejected(topic, exc)
+        except ForgedDesiredState as exc:
+            unknown = not any(keyid in self.keys for keyid in exc.keyids)
+            if unknown and exc.keyids and not retried:
+                return [RefreshForKey(topic, document, exc.keyids)]
             return self._rejected(topic, exc)
         except DesiredStateRefused as exc:
             return self._rejected(topic, exc)

@@ -26,6 +26,7 @@ from edgelm_control.api import (
     models_routes,
     repository_routes,
     rollouts_routes,
+    root_routes,
     telemetry_routes,
 )
 from edgelm_control.api.context import CONTEXT, REQUEST_ID, ApiContext
@@ -53,6 +54,7 @@ OPERATIONS: tuple[Operation, ...] = (
     *telemetry_routes.OPERATIONS,
     *events_routes.OPERATIONS,
     *repository_routes.OPERATIONS,
+    *root_routes.OPERATIONS,
 )
 PUBLIC = frozenset(op.operation_id for op in OPERATIONS if op.public)
 

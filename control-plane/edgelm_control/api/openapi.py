@@ -34,6 +34,16 @@ def build_openapi(operations: Iterable[Operation], *, version: str) -> dict[str,
                 "required": True,
                 "content": {op.request_type: {"schema": dict(op.request)}},
             }
+        # The middleware refuses a URL that is not valid UTF-8 before any route runs, and a
+        # path parameter (a device id) is checked before it is looked up: any route may 400.
+        entry["responses"].setdefault(
+            "400",
+            _response(
+                "The URL or a parameter is not valid; `param` names it.",
+                {"$ref": "#/components/schemas/Error"},
+                JSON,
+            ),
+        )
         if op.public:
             entry["security"] = []
         else:

@@ -9,6 +9,18 @@ from __future__ import annotations
 
 from typing import Any
 
+from edgelm_control.api.request_schemas import (
+    CANARY,
+    DEVICE_ID,
+    HARDWARE_CLASS,
+    PRINTABLE,
+    WAVES,
+)
+from edgelm_control.api.request_schemas import LABELS as LABELS_IN
+from edgelm_control.api.request_schemas import MODEL_KEY as MODEL_KEY_IN
+from edgelm_control.store.revocations import REASON_MAX_CHARS
+from edgelm_protocol.remote_jobs import MAX_TTL_S
+
 Schema = dict[str, Any]
 
 STR: Schema = {"type": "string"}
@@ -54,9 +66,9 @@ PERCENTILES = obj({"p50": nullable(NUM), "p90": nullable(NUM)})
 SELECTOR: Schema = {
     "description": "exactly one of devices, labels, class, all",
     "oneOf": [
-        obj({"devices": {"type": "array", "items": STR, "minItems": 1}}),
-        obj({"labels": LABELS}),
-        obj({"class": STR}),
+        obj({"devices": {"type": "array", "items": DEVICE_ID, "minItems": 1}}),
+        obj({"labels": {**LABELS_IN, "minProperties": 1}}),
+        obj({"class": HARDWARE_CLASS}),
         obj({"all": {"const": True}}),
     ],
 }
@@ -76,22 +88,22 @@ ERROR = obj(
     }
 )
 
-DEVICE = obj(
-    {
-        "id": STR,
-        "hardware_class": nullable(STR),
-        "labels": LABELS,
-        "presence": {"enum": ["online", "offline", "unknown"]},
-        "last_seen": TIME,
-        "online_since": TIME,
-        "first_seen": TIME,
-        "registered_at": TIME,
-        "agent_version": nullable(STR),
-        "active_model": nullable(STR),
-        "previous_model": nullable(STR),
-        "applied_sequence": INT,
-    }
-)
+DEVICE_FIELDS: dict[str, Schema] = {
+    "id": STR,
+    "hardware_class": nullable(STR),
+    "labels": LABELS,
+    "presence": {"enum": ["online", "offline", "unknown"]},
+    "last_seen": TIME,
+    "online_since": TIME,
+    "first_seen": TIME,
+    "registered_at": TIME,
+    "agent_version": nullable(STR),
+    "active_model": nullable(STR),
+    "previous_model": nullable(STR),
+    "applied_sequence": INT,
+    "revoked_at": {**TIME, "description": "set once the operator revoked it: for good"},
+}
+DEVICE = obj(DEVICE_FIELDS)
 
 DESIRED = obj(
     {
@@ -140,29 +152,66 @@ TELEMETRY = obj(
     }
 )
 
-DEVICE_DETAIL: Schema = {
-    "allOf": [
-        ref("Device"),
-        obj(
+REVOCATION_FACTS = obj({"revoked_at": TIME, "reason": nullable(STR)})
+
+# A device's fields and the detail's own, in one closed object: an allOf of two closed
+# objects would allow no value at all.
+DEVICE_DETAIL = obj(
+    {
+        **DEVICE_FIELDS,
+        "reported_state": nullable(FREE),
+        "desired": nullable(ref("DesiredState")),
+        "rollouts": {
+            "type": "array",
+            "items": obj({"rollout": STR, "wave": INT, "state": STR, "reason": nullable(STR)}),
+        },
+        "recent_events": {"type": "array", "items": ref("DeviceEvent")},
+        "recent_telemetry": {"type": "array", "items": ref("Telemetry")},
+        "revocation": nullable(REVOCATION_FACTS),
+    }
+)
+
+REVOCATION_REQUEST = obj(
+    {
+        "reason": nullable(
             {
-                "reported_state": nullable(FREE),
-                "desired": nullable(ref("DesiredState")),
-                "rollouts": {
-                    "type": "array",
-                    "items": obj(
-                        {"rollout": STR, "wave": INT, "state": STR, "reason": nullable(STR)}
-                    ),
-                },
-                "recent_events": {"type": "array", "items": ref("DeviceEvent")},
-                "recent_telemetry": {"type": "array", "items": ref("Telemetry")},
-            },
-            closed=False,
-        ),
-    ]
-}
+                "type": "string",
+                "minLength": 1,
+                "maxLength": REASON_MAX_CHARS,
+                "pattern": f"^{PRINTABLE}*$",
+                "description": "why, for the log and the device list; no control characters",
+            }
+        )
+    },
+    required=[],
+)
+
+DEVICE_REVOCATION = obj(
+    {
+        "device": STR,
+        "revoked_at": TIME,
+        "reason": nullable(STR),
+        "created": {**BOOL, "description": "false: it was revoked before (time, reason kept)"},
+        "rollouts": {
+            "type": "array",
+            "items": STR,
+            "description": "rollouts it left now (its rows there are revoked)",
+        },
+        "jobs_cancelled": {
+            "type": "array",
+            "items": STR,
+            "description": "remote jobs whose row for it was cancelled now",
+        },
+        "desired_cleared": {
+            **BOOL,
+            "description": "it had a desired state; the empty retained message deletes it",
+        },
+    }
+)
 
 DEVICE_REGISTRATION = obj(
-    {"id": STR, "hardware_class": nullable(STR), "labels": LABELS}, required=["id"]
+    {"id": DEVICE_ID, "hardware_class": nullable(HARDWARE_CLASS), "labels": LABELS_IN},
+    required=["id"],
 )
 
 MODEL = obj(
@@ -201,10 +250,10 @@ MODEL_PUSHED = obj({"added": {"type": "array", "items": ref("Model")}, "targets_
 
 ROLLOUT_REQUEST = obj(
     {
-        "model": MODEL_KEY,
+        "model": MODEL_KEY_IN,
         "selector": ref("Selector"),
-        "canary": {"anyOf": [STR, INT], "description": "a count (5) or a share ('10%')"},
-        "waves": {"type": "string", "description": "explicit sizes, e.g. '1,10,rest'"},
+        "canary": CANARY,
+        "waves": WAVES,
         "success_threshold": {"type": "number", "minimum": 0, "maximum": 1},
         "failure_threshold": {"type": "number", "minimum": 0, "maximum": 1},
         "on_failure": {"enum": ["pause", "abort"]},
@@ -218,24 +267,24 @@ ROLLOUT_REQUEST = obj(
     },
     required=["model", "selector"],
 )
+ROLLOUT_REQUEST["not"] = {"required": ["canary", "waves"], "description": "canary or waves"}
 
 ROLLOUT_STATES = ["running", "paused", "halted", "completed", "aborted", "failed"]
 
-ROLLOUT_SUMMARY = obj(
-    {
-        "id": STR,
-        "model": MODEL_KEY,
-        "state": {"enum": ROLLOUT_STATES},
-        "current_wave": INT,
-        "wave_count": INT,
-        "selector": ref("Selector"),
-        "device_count": INT,
-        "counts": {"type": "object", "additionalProperties": INT},
-        "created_at": TIME,
-        "updated_at": TIME,
-        "ended_at": TIME,
-    }
-)
+ROLLOUT_SUMMARY_FIELDS: dict[str, Schema] = {
+    "id": STR,
+    "model": MODEL_KEY,
+    "state": {"enum": ROLLOUT_STATES},
+    "current_wave": INT,
+    "wave_count": INT,
+    "selector": ref("Selector"),
+    "device_count": INT,
+    "counts": {"type": "object", "additionalProperties": INT},
+    "created_at": TIME,
+    "updated_at": TIME,
+    "ended_at": TIME,
+}
+ROLLOUT_SUMMARY = obj(ROLLOUT_SUMMARY_FIELDS)
 
 WAVE = obj(
     {
@@ -263,29 +312,25 @@ ROW = obj(
     }
 )
 
-ROLLOUT: Schema = {
-    "allOf": [
-        ref("RolloutSummary"),
-        obj(
-            {
-                "target": TARGET,
-                "settings": FREE,
-                "baselines": {"type": "object", "additionalProperties": HEALTH},
-                "waves": {"type": "array", "items": ref("Wave")},
-                "devices": {"type": "array", "items": ref("RolloutDevice")},
-                "pending": {"type": "array", "items": STR},
-            },
-            closed=False,
-        ),
-    ]
-}
+# The summary's fields and the detail's own in one closed object, as DEVICE_DETAIL.
+ROLLOUT = obj(
+    {
+        **ROLLOUT_SUMMARY_FIELDS,
+        "target": TARGET,
+        "settings": FREE,
+        "baselines": {"type": "object", "additionalProperties": HEALTH},
+        "waves": {"type": "array", "items": ref("Wave")},
+        "devices": {"type": "array", "items": ref("RolloutDevice")},
+        "pending": {"type": "array", "items": STR},
+    }
+)
 
 JOB_REQUEST = obj(
     {
         "request": {"type": "object", "description": "an OpenAI chat or completion body"},
         "selector": ref("Selector"),
         "priority": {"type": "integer", "minimum": -100, "maximum": 100},
-        "ttl_s": nullable({"type": "number", "exclusiveMinimum": 0}),
+        "ttl_s": nullable({"type": "number", "exclusiveMinimum": 0, "maximum": MAX_TTL_S}),
         "max_attempts": {"type": "integer", "minimum": 1, "maximum": 10},
         "metadata": nullable(FREE),
         "wait_for_model": BOOL,
@@ -346,6 +391,8 @@ COMPONENTS: dict[str, Schema] = {
     "Device": DEVICE,
     "DeviceDetail": DEVICE_DETAIL,
     "DeviceRegistration": DEVICE_REGISTRATION,
+    "DeviceRevocationRequest": REVOCATION_REQUEST,
+    "DeviceRevocation": DEVICE_REVOCATION,
     "DesiredState": DESIRED,
     "DeviceEvent": EVENT,
     "Telemetry": TELEMETRY,

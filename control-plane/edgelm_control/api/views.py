@@ -18,6 +18,7 @@ from edgelm_control.store.devices import DeviceRecord
 from edgelm_control.store.events import EventRecord
 from edgelm_control.store.jobs import JobDeviceRecord, JobRecord, JobResultRecord
 from edgelm_control.store.models import ModelRecord
+from edgelm_control.store.revocations import Revocation
 from edgelm_control.store.rollouts import RolloutRecord, RowRecord, WaveRecord, baselines_to_json
 from edgelm_control.store.telemetry import Aggregate, TelemetryRecord
 
@@ -33,7 +34,7 @@ def when_s(s: int | None) -> str | None:
     return None if s is None else when(s * 1000)
 
 
-def device_view(device: DeviceRecord) -> dict[str, Any]:
+def device_view(device: DeviceRecord, revocation: Revocation | None = None) -> dict[str, Any]:
     return {
         "id": device.device_id,
         "hardware_class": device.hardware_class,
@@ -47,7 +48,14 @@ def device_view(device: DeviceRecord) -> dict[str, Any]:
         "active_model": device.active_model,
         "previous_model": device.previous_model,
         "applied_sequence": device.applied_sequence,
+        "revoked_at": None if revocation is None else when(revocation.revoked_ms),
     }
+
+
+def revocation_view(revocation: Revocation | None) -> dict[str, Any] | None:
+    if revocation is None:
+        return None
+    return {"revoked_at": when(revocation.revoked_ms), "reason": revocation.reason}
 
 
 def desired_view(desired: DesiredRecord | None) -> dict[str, Any] | None:

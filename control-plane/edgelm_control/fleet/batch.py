@@ -8,12 +8,16 @@ The ingest loop collects decoded envelopes and hands them here before one store 
 * ``presence`` and ``state`` fold into one :class:`DeviceReport` per device (the presences
   in arrival order, the last state), so a batch touches each device row once;
 * every message, whatever its type, says the device was seen.
+
+The store drops a revoked device's rows from the batch (:meth:`IngestBatch.without`) inside
+the transaction that writes it, so nothing a revoked device sent is stored, whenever the
+revocation landed.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from edgelm_control.fleet.decoder import (
@@ -57,6 +61,22 @@ class IngestBatch:
     reports: list[DeviceReport] = field(default_factory=list)
     #: Per device, the ids of events and results to acknowledge once stored.
     acks: dict[str, list[str]] = field(default_factory=dict)
+    #: Every device with a message in the batch, whatever its type.
+    devices: frozenset[str] = frozenset()
+
+    def without(self, device_ids: frozenset[str]) -> IngestBatch:
+        """The batch without anything from ``device_ids`` (a copy; the batch is unchanged)."""
+        if not device_ids & self.devices:
+            return self
+        return replace(
+            self,
+            telemetry=[r for r in self.telemetry if r["device_id"] not in device_ids],
+            events=[r for r in self.events if r["device_id"] not in device_ids],
+            results=[r for r in self.results if r["device_id"] not in device_ids],
+            reports=[r for r in self.reports if r.device_id not in device_ids],
+            acks={d: ids for d, ids in self.acks.items() if d not in device_ids},
+            devices=self.devices - device_ids,
+        )
 
 
 def telemetry_row(device_id: str, values: TelemetryValues, now_ms: int) -> dict[str, Any]:
@@ -133,4 +153,5 @@ def build_batch(items: Sequence[Item], now_ms: int) -> IngestBatch:
         )
         for device, seen_ms in seen.items()
     ]
+    batch.devices = frozenset(seen)
     return batch

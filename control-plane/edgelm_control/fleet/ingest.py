@@ -15,6 +15,13 @@ the commit:
    naming their ids, on ``dev/{id}/ack``: the device deletes them from its outbox;
 3. the listeners hear what changed (the rollout engine, remote jobs, the SSE hub).
 
+A message from a revoked device is refused with ``device_revoked`` (counted, logged with
+the device, acknowledged to the broker so the queue drains, and not acknowledged end to end):
+the store drops its rows in the transaction that writes the batch, after the revocation lock,
+so this holds for what the broker queued before the revocation, for what was already waiting
+in a batch here when it landed, and for what arrives through a connection the device held
+before the broker reloaded its CRL. Nothing of it is stored, and no listener hears of it.
+
 Telemetry, presence and state are idempotent or nearly so, and are dropped in memory when
 their message id repeats (:class:`~edgelm_protocol.RecentIds`). Events and results always go
 to the store, which keeps each id once, because a repeat usually means our ``ack`` was lost
@@ -81,6 +88,7 @@ DECODE_BATCH_MIN = 50
 DECODE_WAIT_MAX_S = 0.01
 WRITTEN_CAPACITY = 200_000
 NOT_MY_TOPIC = "not_my_topic"
+DEVICE_REVOKED = "device_revoked"
 
 
 class IngestListener(Protocol):
@@ -175,14 +183,28 @@ class Ingestor:
             return
         self._admit(message, Accepted(topic.device, envelope), envelope.type)
 
-    def _refuse(self, message: InboundMessage, code: str, topic: str, reason: str) -> None:
+    def _refuse(
+        self,
+        message: InboundMessage,
+        code: str,
+        topic: str,
+        reason: str,
+        *,
+        device: str | None = None,
+    ) -> None:
         self._metrics.refused.labels(code).inc()
+        facts: dict[str, object] = {}
+        if device is not None:
+            facts["device"] = device
+        # Keyed by device too where there is one: one revoked device's backlog must not
+        # hide another's lines.
         self._refusals.warning(
-            code,
+            code if device is None else f"{code}:{device}",
             code=code,
             topic=ascii(topic)[:200],
             reason=reason[:500],
             size_bytes=len(message.payload),
+            **facts,
         )
         self._link.ack(message)
 
@@ -282,9 +304,11 @@ class Ingestor:
         if len(self._written) > WRITTEN_CAPACITY:
             self._written.clear()
         for report in rows.reports:
-            self._written[report.device_id] = now_ms
+            if report.device_id not in outcome.revoked:
+                self._written[report.device_id] = now_ms
         for pending in batch:
-            self._stored[pending.type].inc()
+            if pending.accepted.device_id not in outcome.revoked:
+                self._stored[pending.type].inc()
         self._crash("ingest.after_commit")
         return outcome
 
@@ -317,9 +341,24 @@ class Ingestor:
             await self._settle([pending], outcome)
 
     async def _settle(self, batch: Sequence[Pending], outcome: WriteOutcome) -> None:
+        stored = []
         for pending in batch:
-            self._link.ack(pending.message)
-        await self._ack_devices(batch)
+            device = pending.accepted.device_id
+            if device in outcome.revoked:
+                # Acknowledged to the broker so the queue drains; never to the device (it
+                # stored nothing), and nothing of it reaches a listener.
+                self._refuse(
+                    pending.message,
+                    DEVICE_REVOKED,
+                    pending.message.topic,
+                    f"device {device} is revoked; {pending.type} {pending.accepted.message_id} "
+                    "is dropped unstored",
+                    device=device,
+                )
+            else:
+                self._link.ack(pending.message)
+                stored.append(pending)
+        await self._ack_devices(stored)
         for listener in self._listeners:
             try:
                 await listener.ingested(outcome)

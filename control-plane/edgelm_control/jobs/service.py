@@ -6,6 +6,11 @@ anything is sent. The dispatcher then publishes queued rows (QoS 1, not retained
 them ``sent`` on PUBACK; rows it could not publish stay queued and go out on the next
 connection. Publishing a row twice is harmless: the device runs a job id once.
 
+A revoked device is sent nothing once its revocation has committed: each batch is one
+transaction, ordered against revocations (:mod:`edgelm_control.store.revocations`) and held
+until the broker has answered, so a revocation waits for the batch in flight and then cancels
+what is left; a queued row of a revoked device found in a batch is cancelled, not sent.
+
 Results come back on ``dev/{id}/events`` and are stored by the ingest path, which moves the
 row to its final state in the same transaction (:func:`~edgelm_control.store.jobs.finish`).
 """
@@ -26,9 +31,17 @@ from edgelm_control.hub import FleetHub
 from edgelm_control.metrics import ControlMetrics
 from edgelm_control.rollouts.selection import Selector, select_devices, selector_from_json
 from edgelm_control.store import Store
-from edgelm_control.store.devices import all_devices
+from edgelm_control.store.devices import targetable_devices
 from edgelm_control.store.ingest import WriteOutcome
-from edgelm_control.store.jobs import JobDeviceRecord, JobRecord, insert_job, mark_sent, queued
+from edgelm_control.store.jobs import (
+    JobDeviceRecord,
+    JobRecord,
+    cancel_device_jobs,
+    insert_job,
+    mark_sent,
+    queued,
+)
+from edgelm_control.store.revocations import lock_revocations, revoked_among
 from edgelm_protocol import (
     CONTROL_SENDER,
     Channel,
@@ -122,7 +135,7 @@ class RemoteJobs:
         job_id = f"job-{uuid.uuid4().hex[:16]}"
         body = request.body
         async with self._store.write() as conn:
-            devices = select_devices(request.selector, await all_devices(conn))
+            devices = select_devices(request.selector, await targetable_devices(conn))
             job = JobRecord(
                 job_id=job_id,
                 request=body.request,
@@ -145,11 +158,35 @@ class RemoteJobs:
         sent = 0
         async with self._dispatching:
             while self._publisher.connected:
-                async with self._store.read() as conn:
+                async with self._store.read() as conn:  # nothing to do: no write lane taken
+                    if not await queued(conn, limit=1):
+                        break
+                cancelled: dict[str, list[str]] = {}
+                async with self._store.write() as conn:
+                    # Held until the broker has answered (see the module's docstring); on
+                    # SQLite this holds the write lane for the batch's round trips.
+                    await lock_revocations(conn, writer=False)
                     batch = await queued(conn, limit=500)
-                if not batch:
-                    break
-                results = await bounded_gather([self._publish(j, r) for j, r in batch])
+                    if not batch:
+                        break
+                    revoked = await revoked_among(conn, [r.device_id for _, r in batch], lock=False)
+                    now_ms = self._clock.now_ms()
+                    for device_id in sorted(revoked):
+                        cancelled[device_id] = await cancel_device_jobs(
+                            conn, device_id, now_ms=now_ms
+                        )
+                    batch = [(j, r) for j, r in batch if r.device_id not in revoked]
+                    results = await bounded_gather([self._publish(j, r) for j, r in batch])
+                    now_ms = self._clock.now_ms()
+                    for (_, row), taken in zip(batch, results, strict=True):
+                        if taken:
+                            await mark_sent(conn, row.message_id, now_ms)
+                            self._metrics.jobs_published.inc()
+                for device_id, job_ids in cancelled.items():
+                    for job_id in job_ids:
+                        self._hub.publish(
+                            "job", {"id": job_id, "state": "cancelled", "device": device_id}
+                        )
                 sent += sum(results)
                 if not all(results):
                     break
@@ -179,9 +216,6 @@ class RemoteJobs:
                 error=type(exc).__name__,
             )
             return False
-        async with self._store.write() as conn:
-            await mark_sent(conn, row.message_id, self._clock.now_ms())
-        self._metrics.jobs_published.inc()
         return True
 
     async def ingested(self, outcome: WriteOutcome) -> None:

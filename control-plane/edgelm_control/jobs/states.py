@@ -4,11 +4,15 @@
 
     queued ──sent──► sent ──result──► succeeded | failed | dead | cancelled | expired
        └──────────────result──────────┘   (a result may overtake our own PUBACK record)
+    queued, sent ──cancel──► cancelled     (the device was revoked)
 
 ``queued`` means stored and not yet taken by the broker; the dispatcher publishes it (again)
 until the broker takes it. The envelope id is the job's idempotency key on the device, so a
 second publication of the same job is never run twice. A result is final: a second result
 for the same job (another message id, say after a device restore) changes nothing.
+
+``cancel`` comes from the control plane when the device is revoked: it will never run the
+job (a revoked device cannot connect, and what it sends is refused), so the row ends there.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ class JobDeviceState(StrEnum):
 class JobDeviceEvent(StrEnum):
     SENT = "sent"
     RESULT = "result"
+    CANCEL = "cancel"
 
 
 class IllegalJobTransition(ControlError):
@@ -51,7 +56,11 @@ TRANSITIONS: dict[tuple[JobDeviceState, JobDeviceEvent], JobDeviceState | None] 
     (J.QUEUED, JobDeviceEvent.SENT): J.SENT,
     (J.QUEUED, JobDeviceEvent.RESULT): None,  # None: the result's outcome decides
     (J.SENT, JobDeviceEvent.RESULT): None,
+    (J.QUEUED, JobDeviceEvent.CANCEL): J.CANCELLED,
+    (J.SENT, JobDeviceEvent.CANCEL): J.CANCELLED,
 }
+#: The rows a revocation cancels.
+CANCELLABLE = frozenset(s for (s, e) in TRANSITIONS if e is JobDeviceEvent.CANCEL)
 
 
 def next_job_state(

@@ -14,6 +14,20 @@
         ├── WrongTargetsVersion        409  the version is not the current one + 1
         └── ImmutableTarget            409  a published target would change under its path
 
+    RequestError
+    └── RootRefused                400  a pushed root (a key rotation) is refused; nothing changes
+        ├── MalformedRoot              400  not TUF root metadata
+        ├── InvalidRoot                400  consistent snapshots off, or bad director keys
+        ├── ForgedRoot                 422  the old root's or its own threshold is not met
+        ├── ExpiredRoot                422  the root has already expired
+        ├── WrongRootVersion           409  the version is not the current one + 1
+        ├── MissingOnlineKey           409  it lists online keys this server does not hold
+        └── TargetsNotResigned         409  its targets keys did not sign the published
+                                            targets, and no re-signed targets came with it
+
+Re-signed targets pushed with a root go through the model push's checks (the first tree),
+against the new root.
+
 Every class carries the facts as attributes (``expected``, ``actual``, ``path``, ...).
 """
 
@@ -123,3 +137,91 @@ class ImmutableTarget(PushRefused):
             param="targets",
         )
         self.path = path
+
+
+# --- key rotation: a new root -------------------------------------------------------------------
+
+
+class RootRefused(RequestError):
+    """A pushed root is not accepted; the repository and the director are unchanged."""
+
+    status_code = 400
+    code = "root_refused"
+
+
+class MalformedRoot(RootRefused):
+    status_code = 400
+    code = "malformed_root"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, param="root")
+
+
+class InvalidRoot(RootRefused):
+    status_code = 400
+    code = "invalid_root"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, param="root")
+
+
+class ForgedRoot(RootRefused):
+    status_code = 422
+    code = "forged_root"
+
+    def __init__(self, *, by: str, reason: str) -> None:
+        super().__init__(f"the new root is not signed by {by}: {reason}", param="root")
+        self.by = by
+        self.reason = reason
+
+
+class ExpiredRoot(RootRefused):
+    status_code = 422
+    code = "expired_root"
+
+    def __init__(self, expires: str) -> None:
+        super().__init__(f"the new root expired at {expires}", param="root")
+        self.expires = expires
+
+
+class WrongRootVersion(RootRefused):
+    status_code = 409
+    code = "wrong_root_version"
+
+    def __init__(self, *, expected: int, actual: int) -> None:
+        super().__init__(
+            f"root version must be {expected} (the current one + 1), got {actual}; roots are "
+            "published one version at a time, in order",
+            param="root",
+        )
+        self.expected = expected
+        self.actual = actual
+
+
+class MissingOnlineKey(RootRefused):
+    status_code = 409
+    code = "missing_online_key"
+
+    def __init__(self, *, role: str, needed: int, held: int, hint: str) -> None:
+        super().__init__(
+            f"the new root needs {needed} {role} key(s) this control plane holds, and it "
+            f"holds {held} of those it lists; {hint}",
+            param="root",
+        )
+        self.role = role
+        self.needed = needed
+        self.held = held
+
+
+class TargetsNotResigned(RootRefused):
+    status_code = 409
+    code = "targets_not_resigned"
+
+    def __init__(self, *, targets_version: int) -> None:
+        super().__init__(
+            f"the new root's targets keys did not sign the published targets "
+            f"v{targets_version}; push targets v{targets_version + 1}, re-signed with the new "
+            "targets key, with it (edgelm fleet keys publish does)",
+            param="targets",
+        )
+        self.targets_version = targets_version

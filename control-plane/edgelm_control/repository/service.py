@@ -18,6 +18,18 @@ A push, step by step (under one lock, so pushes and refreshes never interleave):
 
 A failure before step 4 publishes nothing; blobs placed by a failed push are harmless (no
 metadata names them) and a retried push reuses them.
+
+A key rotation (:meth:`RepositoryService.accept_root`) goes the same way under the same lock:
+the pushed root is checked (:func:`.rotation.plan_root`), re-signed targets with it claim
+their version in the store like a push, and the files are written targets, snapshot,
+``N+1.root.json``, timestamp. Then the new timestamp is announced (devices refresh and walk
+to the new root) and the root hooks run: the director re-signs every current desired state
+with the key the new root names. A control plane killed between the root file and the
+timestamp repairs the repository when it starts (:meth:`RepositoryService.sync_index`); a
+rotation that raises part-way in a running server (a timestamp that cannot be written, a
+store commit that fails after the files) is repaired the same way at once, before the error
+goes back to the caller, and if the new root stands after that, it is announced and the hooks
+run, as for a rotation that went through.
 """
 
 from __future__ import annotations
@@ -27,13 +39,15 @@ import datetime
 import os
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import structlog
-from tuf.api.metadata import Root, Targets, Timestamp
+from tuf.api.metadata import Metadata, Root, Targets, Timestamp
 from tuf.api.serialization import DeserializationError
 
 from edgelm_control.clock import Clock
 from edgelm_control.errors import ConfigError, Conflict
+from edgelm_control.repository.director_keys import DirectorKeyring
 from edgelm_control.repository.push import (
     Blob,
     ReceivedBlob,
@@ -42,6 +56,7 @@ from edgelm_control.repository.push import (
     plan_push,
     target_blob,
 )
+from edgelm_control.repository.rotation import ONLINE_ROLES, HeldKeys, RootPlan, plan_root
 from edgelm_control.repository.uploads import Upload
 from edgelm_control.store import Store
 from edgelm_control.store.models import (
@@ -57,6 +72,7 @@ from edgelm_protocol.targets import ModelTarget, parse_model_target
 log = structlog.get_logger(__name__)
 
 Announcer = Callable[[int], Awaitable[None]]
+RootHook = Callable[[], Awaitable[Any]]
 
 
 class RepositoryService:
@@ -69,6 +85,8 @@ class RepositoryService:
         store: Store,
         clock: Clock,
         announce: Announcer,
+        *,
+        director_keys: DirectorKeyring | None = None,
     ) -> None:
         self.repository_dir = repository_dir
         self.keys_dir = keys_dir
@@ -78,7 +96,13 @@ class RepositoryService:
         self._store = store
         self._clock = clock
         self._announce = announce
+        self._director_keys = director_keys
+        self._root_hooks: list[tuple[str, RootHook]] = []
         self._lock = asyncio.Lock()
+
+    def when_root_published(self, name: str, hook: RootHook) -> None:
+        """Run ``hook`` after each new root is published and announced (a failure is logged)."""
+        self._root_hooks.append((name, hook))
 
     def _open(self) -> RepositoryWriter:
         try:
@@ -100,25 +124,32 @@ class RepositoryService:
     async def sync_index(self) -> int:
         """Rebuild the model index from the metadata on disk; return the targets version."""
         async with self._lock:
-            writer = await asyncio.to_thread(self._open)
-            targets = writer.md[Targets.type].signed
-            models = _models_of(targets)
-            async with self._store.write() as conn:
-                recorded = await repository_versions(conn)
-                await replace_targets(
-                    conn, models, targets_version=targets.version, now_ms=self._clock.now_ms()
+            return await self._resync()
+
+    async def _resync(self) -> int:
+        """Under the lock: finish a rotation cut short on disk, then make the model index and
+        the recorded versions match the metadata on disk; return the targets version."""
+        writer = await asyncio.to_thread(self._open)
+        await asyncio.to_thread(self._finish_interrupted_rotation, writer)
+        targets = writer.md[Targets.type].signed
+        models = _models_of(targets)
+        async with self._store.write() as conn:
+            recorded = await repository_versions(conn)
+            await replace_targets(
+                conn, models, targets_version=targets.version, now_ms=self._clock.now_ms()
+            )
+            timestamp = int(writer.md[Timestamp.type].signed.version)
+            if recorded is None or recorded.targets_version != targets.version:
+                await claim_targets_version(
+                    conn,
+                    expected=None if recorded is None else recorded.targets_version,
+                    targets_version=targets.version,
+                    timestamp_version=timestamp,
+                    now_ms=self._clock.now_ms(),
                 )
-                timestamp = int(writer.md[Timestamp.type].signed.version)
-                if recorded is None or recorded.targets_version != targets.version:
-                    await claim_targets_version(
-                        conn,
-                        expected=None if recorded is None else recorded.targets_version,
-                        targets_version=targets.version,
-                        timestamp_version=timestamp,
-                        now_ms=self._clock.now_ms(),
-                    )
-            log.info("repository_indexed", targets_version=targets.version, models=len(models))
-            return int(targets.version)
+            await record_timestamp_version(conn, timestamp, self._clock.now_ms())
+        log.info("repository_indexed", targets_version=targets.version, models=len(models))
+        return int(targets.version)
 
     async def precheck(self, targets: bytes) -> None:
         """Refuse pushed targets early (signature, version, schema), before the blobs come.
@@ -177,6 +208,127 @@ class RepositoryService:
         await self._announce(timestamp_version)
         return plan.added
 
+    async def accept_root(self, raw_root: bytes, raw_targets: bytes | None) -> tuple[RootPlan, int]:
+        """Verify and publish root version N + 1 (a key rotation; see the module docstring),
+        with re-signed targets when the targets key changed; announce it; run the hooks.
+        Return the plan published and the new timestamp version."""
+        async with self._lock:
+            writer = await asyncio.to_thread(self._open)
+            director = self._director_keys
+            if director is not None:
+                await asyncio.to_thread(director.reload)  # the operator may have copied one in
+            held = HeldKeys(
+                online={r: [s.public_key.keyid for s in writer.held[r]] for r in ONLINE_ROLES},
+                director=director.held if director is not None else (),
+            )
+            current = writer.md[Targets.type]
+            plan = plan_root(
+                writer.md[Root.type], current, raw_root, raw_targets, held=held, now=self._now()
+            )
+            failure: Exception | None = None
+            try:
+                await self._write_root(writer, plan, int(current.signed.version))
+            except Exception as exc:
+                # Files may stop part-way (N+1.root.json without its timestamp), or the store
+                # may lag the files (a commit that failed after them): either leaves devices
+                # unable to verify, or every push conflicting, until a restart. Repair now.
+                repaired = await self._repair_rotation(plan.version)
+                if repaired is None:
+                    raise
+                log.error(
+                    "root_rotation_repaired",
+                    root_version=plan.version,
+                    timestamp_version=repaired,
+                    error=f"{type(exc).__name__}: {exc}"[:500],
+                )
+                failure = exc
+                timestamp_version = repaired
+            else:
+                timestamp_version = int(writer.md[Timestamp.type].signed.version)
+                log.info(
+                    "root_published",
+                    root_version=plan.version,
+                    targets_version=int(writer.md[Targets.type].signed.version),
+                    timestamp_version=timestamp_version,
+                    targets_resigned=plan.targets is not None,
+                    director_keys=None if plan.director_keys is None else len(plan.director_keys),
+                )
+        # The root stands (the director may sign with its key already): tell the devices, and
+        # re-sign, even when the request that published it ends in an error.
+        await self._announce(timestamp_version)
+        for name, hook in self._root_hooks:
+            try:
+                await hook()
+            except Exception:  # published is published: the hook's own retries take over
+                log.exception("root_hook_failed", hook=name, root_version=plan.version)
+        if failure is not None:
+            raise failure
+        return plan, timestamp_version
+
+    async def _write_root(self, writer: RepositoryWriter, plan: RootPlan, current: int) -> None:
+        """Under the lock: publish ``plan`` (files, and the store with re-signed targets)."""
+        now_ms = self._clock.now_ms()
+        resigned = plan.targets
+        if resigned is None:
+            await asyncio.to_thread(writer.accept_root, plan.root)
+            version = int(writer.md[Timestamp.type].signed.version)
+            async with self._store.write() as conn:
+                await record_timestamp_version(conn, version, now_ms)
+            return
+        async with self._store.write() as conn:
+            await self._claim(
+                conn,
+                current=current,
+                new=int(resigned.metadata.signed.version),
+                timestamp=int(writer.md[Timestamp.type].signed.version) + 1,
+                now_ms=now_ms,
+            )
+            await replace_targets(
+                conn,
+                resigned.models,
+                targets_version=int(resigned.metadata.signed.version),
+                now_ms=now_ms,
+            )
+            await asyncio.to_thread(writer.accept_root, plan.root, resigned.metadata)
+
+    async def _repair_rotation(self, root_version: int) -> int | None:
+        """Under the lock, after publishing root ``root_version`` raised: repair files and
+        index as a start does. The timestamp version if that root now stands on disk with
+        targets it verifies, else ``None`` (nothing was published, or it is left for the
+        next start to finish)."""
+        try:
+            await self._resync()
+        except Exception:  # the files may be right even if the store is not: look at them
+            log.exception("repository_repair_failed", root_version=root_version)
+        try:
+            writer = await asyncio.to_thread(self._open)
+        except ConfigError:
+            log.exception("repository_repair_failed", root_version=root_version)
+            return None
+        root = writer.md[Root.type]
+        if root.signed.version != root_version or not _verifies(root, writer.md[Targets.type]):
+            return None
+        return int(writer.md[Timestamp.type].signed.version)
+
+    async def _claim(
+        self, conn: Any, *, current: int, new: int, timestamp: int, now_ms: int
+    ) -> None:
+        """Claim targets version ``new`` in the store (compare-and-set against ``current``)."""
+        recorded = await repository_versions(conn)
+        expected = None if recorded is None else recorded.targets_version
+        if expected is not None and expected != current:
+            raise Conflict(
+                f"the model index is at targets version {expected} but the repository at "
+                f"{current}; retry",
+                param="targets",
+            )
+        claimed = await claim_targets_version(
+            conn, expected=expected, targets_version=new, timestamp_version=timestamp,
+            now_ms=now_ms,
+        )  # fmt: skip
+        if not claimed:
+            raise Conflict(f"another push published targets version {new} first", param="targets")
+
     async def refresh(self, *, before_s: int) -> int | None:
         """Re-sign snapshot and timestamp if either expires within ``before_s``; the new
         timestamp version, or None if nothing was due."""
@@ -199,6 +351,28 @@ class RepositoryService:
         return version
 
     # --- file work, in a worker thread -------------------------------------------------------
+
+    def _finish_interrupted_rotation(self, writer: RepositoryWriter) -> None:
+        """A rotation killed after ``N+1.root.json`` and before the timestamp left a root
+        whose targets keys did not sign the published targets, and the re-signed targets
+        (written first) beside them: publish those, as the rotation would have."""
+        root, current = writer.md[Root.type], writer.md[Targets.type]
+        if _verifies(root, current):
+            return
+        following = self.metadata_dir / f"{current.signed.version + 1}.targets.json"
+        if not following.is_file():
+            log.error("repository_targets_unverifiable", root_version=root.signed.version,
+                      targets_version=current.signed.version)  # fmt: skip
+            return
+        resigned = Metadata[Targets].from_file(str(following))
+        if not _verifies(root, resigned):
+            log.error("repository_targets_unverifiable", root_version=root.signed.version,
+                      targets_version=resigned.signed.version)  # fmt: skip
+            return
+        writer.md[Targets.type] = resigned
+        writer.publish(roles=())
+        log.warning("root_rotation_finished", root_version=root.signed.version,
+                    targets_version=resigned.signed.version)  # fmt: skip
 
     def _manifest(self, model: ModelTarget, upload: Upload) -> bytes:
         blob = target_blob(model)
@@ -256,3 +430,9 @@ def _models_of(targets: Targets) -> list[ModelTarget]:
         except ProtocolError as exc:
             log.warning("repository_target_skipped", path=path, error=str(exc))
     return models
+
+
+def _verifies(root: Metadata[Root], targets: Metadata[Targets]) -> bool:
+    return root.signed.get_verification_result(
+        Targets.type, targets.signed_bytes, targets.signatures
+    ).verified

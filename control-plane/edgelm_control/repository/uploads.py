@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
-from aiohttp import BodyPartReader, web
+from aiohttp import BodyPartReader, MultipartReader, web
+from aiohttp.http_exceptions import BadHttpMessage
 
 from edgelm_control.errors import PayloadTooLarge
 from edgelm_control.repository.errors import MalformedTargets
@@ -64,11 +65,17 @@ async def receive_push(
     upload = Upload(incoming_dir / uuid.uuid4().hex)
     await asyncio.to_thread(upload.directory.mkdir, parents=True)
     try:
-        reader = await request.multipart()
+        try:
+            reader = await request.multipart()
+        except ValueError as exc:  # aiohttp cannot split a body whose type has no boundary
+            raise MalformedTargets(
+                f"a model push must be multipart/form-data with a boundary: {exc}",
+                param="content-type",
+            ) from exc
         total = 0
         targets_seen = False
         while True:
-            part = await reader.next()
+            part = await _next_part(reader)
             if part is None:
                 break
             if not isinstance(part, BodyPartReader):
@@ -98,9 +105,29 @@ async def receive_push(
         raise
 
 
+#: What aiohttp raises for a multipart body that breaks its own rules: a boundary not where it
+#: should be, a part header that is not a header, a bad part Content-Length.
+_MALFORMED = (ValueError, BadHttpMessage)
+
+
+async def _next_part(reader: MultipartReader) -> MultipartReader | BodyPartReader | None:
+    """The next part, or None at the end; a malformed body is the client's 400, not a 500."""
+    try:
+        return await reader.next()
+    except _MALFORMED as exc:
+        raise MalformedTargets(f"the multipart body is malformed: {exc}", param="body") from exc
+
+
+async def _chunk(part: BodyPartReader) -> bytes:
+    try:
+        return await part.read_chunk(CHUNK_BYTES)
+    except _MALFORMED as exc:
+        raise MalformedTargets(f"part {part.name} is malformed: {exc}", param="body") from exc
+
+
 async def _read_small(part: BodyPartReader) -> bytes:
     data = bytearray()
-    while chunk := await part.read_chunk(CHUNK_BYTES):
+    while chunk := await _chunk(part):
         data += chunk
         if len(data) > MAX_TARGETS_BYTES:
             raise PayloadTooLarge(
@@ -116,7 +143,7 @@ async def _receive_blob(part: BodyPartReader, name: str, upload: Upload, room: i
     hasher = hashlib.sha256()
     length = 0
     with await asyncio.to_thread(open, path, "wb") as sink:
-        while chunk := await part.read_chunk(CHUNK_BYTES):
+        while chunk := await _chunk(part):
             length += len(chunk)
             if length > room:
                 raise PayloadTooLarge(

@@ -2,7 +2,10 @@
 
 Every row change goes through :meth:`RolloutActions.move`, which asks the pure transition
 table (:func:`~.device_states.next_device_state`) where the event leads and writes it with a
-compare-and-set; a row another replica moved first is left alone. Desired states are issued
+compare-and-set; a row another replica moved first is left alone. A revoked device's row
+moves only to ``revoked``: :meth:`~RolloutActions.move` orders itself against revocations
+and turns any event for a revoked device into ``revoke``, and the director issues nothing
+for it (:meth:`~edgelm_control.director.Director.issue` answers None). Desired states are issued
 by the director in the same transaction, so a row is ``pending`` exactly when its desired
 state is stored (published after the commit).
 
@@ -30,10 +33,12 @@ from edgelm_control.rollouts.device_states import (
     next_device_state,
 )
 from edgelm_control.store.devices import get_devices
+from edgelm_control.store.revocations import get_revocation
 from edgelm_control.store.rollouts import (
     RolloutRecord,
     RowRecord,
     cas_row,
+    get_row,
     rows_of,
     rows_of_devices,
     start_wave,
@@ -85,7 +90,18 @@ class RolloutActions:
         reason: str | None = None,
         **values: Any,
     ) -> DeviceState | None:
-        """Apply ``event`` to ``row``; the new state, or None if another writer moved it."""
+        """Apply ``event`` to ``row``; the new state, or None if another writer moved it.
+
+        If the device is revoked, the row takes ``revoke`` instead (with the revocation's
+        note, without ``values``), or nothing if it is closed: whatever a transaction read
+        before the revocation committed, it cannot move the row anywhere else after."""
+        # Before the row lock: the revocation takes its lock first too, so the two cannot
+        # deadlock, and one that committed is seen here.
+        revocation = await get_revocation(conn, row.device_id, lock=True)
+        if revocation is not None and event is not DeviceEvent.REVOKE:
+            if DeviceEvent.REVOKE not in allowed_events(row.state):
+                return None
+            event, reason, values = DeviceEvent.REVOKE, revocation.note, {}
         state = next_device_state(row.state, event)
         moved = await cas_row(
             conn,
@@ -147,6 +163,7 @@ class RolloutActions:
                 Assignment(rollout.model, target, rollout.rollout_id),
                 floor=0 if device is None else device.applied_sequence,
             )
+            # None: the device is revoked, and the move below revokes its row instead.
             await self.move(
                 conn,
                 row,
@@ -201,6 +218,7 @@ class RolloutActions:
             if row.state in HOLDS_DESIRED_STATE:
                 previous = row.previous_target
                 device = facts.get(row.device_id)
+                # None: the device is revoked, and the move below revokes its row instead.
                 values["abort_sequence"] = await self.director.issue(
                     conn,
                     row.device_id,
@@ -218,3 +236,24 @@ class RolloutActions:
                         "switched to it (or goes back to a model of its own)"
                     )
             await self.move(conn, row, DeviceEvent.ABORT, changes, reason=note, **values)
+
+    async def revoke_rows(
+        self, conn: AsyncConnection, device_id: str, reason: str, changes: Changes
+    ) -> list[str]:
+        """A revoked device leaves every rollout it is in: each of its rows that takes
+        ``revoke`` moves to ``revoked``. Return the rollouts it left.
+
+        A writer that does not order itself against revocations (a replica of an earlier
+        release) may move a row between this read and its compare-and-set, which then
+        misses: the row is read again and revoked from where that writer left it, until it
+        is revoked or closed. Each miss is another writer's committed move, so this ends."""
+        left = []
+        for row in await rows_of_devices(conn, [device_id]):
+            current: RowRecord | None = row
+            while current is not None and DeviceEvent.REVOKE in allowed_events(current.state):
+                moved = await self.move(conn, current, DeviceEvent.REVOKE, changes, reason=reason)
+                if moved is not None:
+                    left.append(current.rollout_id)
+                    break
+                current = await get_row(conn, current.rollout_id, current.device_id)
+        return sorted(left)

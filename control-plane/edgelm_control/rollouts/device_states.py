@@ -29,6 +29,8 @@ from the operator and the engine (``wave_started``, ``abort``, ``supersede``)::
                 rolling_back ──activated──► rolling_back  (a late report of the new model)
     supersede:  waiting, pending, downloading, activating, succeeded, timed_out, expired,
                 rolling_back ──► superseded
+    revoke:     waiting, pending, downloading, activating, succeeded, timed_out, expired,
+                cancelled, rolling_back ──► revoked
 
 Why the rows that go beyond the obvious:
 
@@ -47,8 +49,15 @@ Why the rows that go beyond the obvious:
 - ``downloading --activation_failed--> failed``: a device with the model already installed
   reports ``desired_accepted`` (mapped to ``download_started``) and then its activation,
   without an ``installed`` in between; failure is as possible as success there.
-- ``failed``, ``rolled_back`` and ``superseded`` take nothing at all (:data:`CLOSED`). A
-  newer rollout leaves ``failed`` and ``cancelled`` rows alone: nothing waits behind them.
+- ``revoke`` (the operator revoked the device) takes a row out of its rollout from every
+  state that is not closed, ``succeeded`` included: a revoked device is out of the fleet, and
+  nothing it reported can be trusted any more. ``revoked`` is not eligible for the gates, like
+  ``superseded``: revoking a device (it was stolen, say) says nothing about the model, so it
+  neither fails nor passes a wave, and a canary with no eligible device left still needs a
+  success from another. Its desired state is withdrawn, so an abort has nothing to undo there.
+- ``failed``, ``rolled_back``, ``superseded`` and ``revoked`` take nothing at all
+  (:data:`CLOSED`). A newer rollout leaves ``failed`` and ``cancelled`` rows alone: nothing
+  waits behind them.
 
 Any other (state, event) pair raises :class:`IllegalTransition` and changes nothing; the shell
 logs it and drops the report (duplicates and stragglers are expected under QoS 1).
@@ -92,6 +101,7 @@ class DeviceState(StrEnum):
     ROLLING_BACK = "rolling_back"  # aborted after it may have switched; waiting for its report
     ROLLED_BACK = "rolled_back"  # runs the previous model again
     SUPERSEDED = "superseded"  # a newer rollout took this device over
+    REVOKED = "revoked"  # the operator revoked the device: out of the fleet for good
 
 
 class DeviceEvent(StrEnum):
@@ -106,6 +116,7 @@ class DeviceEvent(StrEnum):
     ABORT = "abort"
     SUPERSEDE = "supersede"
     ROLLED_BACK = "rolled_back"  # the device reports that it runs the previous model again
+    REVOKE = "revoke"  # the operator revoked the device
 
 
 S = DeviceState
@@ -115,6 +126,7 @@ TRANSITIONS: dict[tuple[DeviceState, DeviceEvent], DeviceState] = {
     (S.WAITING, E.WAVE_STARTED): S.PENDING,
     (S.WAITING, E.ABORT): S.CANCELLED,
     (S.WAITING, E.SUPERSEDE): S.SUPERSEDED,
+    (S.WAITING, E.REVOKE): S.REVOKED,
     (S.PENDING, E.DOWNLOAD_STARTED): S.DOWNLOADING,
     (S.PENDING, E.INSTALLED): S.ACTIVATING,
     (S.PENDING, E.ACTIVATED): S.SUCCEEDED,
@@ -124,6 +136,7 @@ TRANSITIONS: dict[tuple[DeviceState, DeviceEvent], DeviceState] = {
     (S.PENDING, E.PENDING_EXPIRED): S.EXPIRED,
     (S.PENDING, E.ABORT): S.CANCELLED,
     (S.PENDING, E.SUPERSEDE): S.SUPERSEDED,
+    (S.PENDING, E.REVOKE): S.REVOKED,
     (S.DOWNLOADING, E.DOWNLOAD_STARTED): S.DOWNLOADING,
     (S.DOWNLOADING, E.INSTALLED): S.ACTIVATING,
     (S.DOWNLOADING, E.ACTIVATED): S.SUCCEEDED,
@@ -132,13 +145,16 @@ TRANSITIONS: dict[tuple[DeviceState, DeviceEvent], DeviceState] = {
     (S.DOWNLOADING, E.DEVICE_TIMEOUT): S.TIMED_OUT,
     (S.DOWNLOADING, E.ABORT): S.CANCELLED,
     (S.DOWNLOADING, E.SUPERSEDE): S.SUPERSEDED,
+    (S.DOWNLOADING, E.REVOKE): S.REVOKED,
     (S.ACTIVATING, E.ACTIVATED): S.SUCCEEDED,
     (S.ACTIVATING, E.ACTIVATION_FAILED): S.FAILED,
     (S.ACTIVATING, E.DEVICE_TIMEOUT): S.TIMED_OUT,
     (S.ACTIVATING, E.ABORT): S.ROLLING_BACK,
     (S.ACTIVATING, E.SUPERSEDE): S.SUPERSEDED,
+    (S.ACTIVATING, E.REVOKE): S.REVOKED,
     (S.SUCCEEDED, E.ABORT): S.ROLLING_BACK,
     (S.SUCCEEDED, E.SUPERSEDE): S.SUPERSEDED,
+    (S.SUCCEEDED, E.REVOKE): S.REVOKED,
     (S.TIMED_OUT, E.DOWNLOAD_STARTED): S.DOWNLOADING,
     (S.TIMED_OUT, E.INSTALLED): S.ACTIVATING,
     (S.TIMED_OUT, E.ACTIVATED): S.SUCCEEDED,
@@ -146,6 +162,7 @@ TRANSITIONS: dict[tuple[DeviceState, DeviceEvent], DeviceState] = {
     (S.TIMED_OUT, E.ACTIVATION_FAILED): S.FAILED,
     (S.TIMED_OUT, E.ABORT): S.ROLLING_BACK,
     (S.TIMED_OUT, E.SUPERSEDE): S.SUPERSEDED,
+    (S.TIMED_OUT, E.REVOKE): S.REVOKED,
     (S.EXPIRED, E.DOWNLOAD_STARTED): S.DOWNLOADING,
     (S.EXPIRED, E.INSTALLED): S.ACTIVATING,
     (S.EXPIRED, E.ACTIVATED): S.SUCCEEDED,
@@ -153,20 +170,32 @@ TRANSITIONS: dict[tuple[DeviceState, DeviceEvent], DeviceState] = {
     (S.EXPIRED, E.ACTIVATION_FAILED): S.FAILED,
     (S.EXPIRED, E.ABORT): S.CANCELLED,
     (S.EXPIRED, E.SUPERSEDE): S.SUPERSEDED,
+    (S.EXPIRED, E.REVOKE): S.REVOKED,
     (S.CANCELLED, E.ACTIVATED): S.ROLLING_BACK,
+    (S.CANCELLED, E.REVOKE): S.REVOKED,
     (S.ROLLING_BACK, E.ROLLED_BACK): S.ROLLED_BACK,
     (S.ROLLING_BACK, E.ACTIVATED): S.ROLLING_BACK,
     (S.ROLLING_BACK, E.SUPERSEDE): S.SUPERSEDED,
+    (S.ROLLING_BACK, E.REVOKE): S.REVOKED,
 }
 
 INITIAL = S.WAITING
 
 #: The device's part in its wave is over; only the exits drawn above move it again.
 FINAL = frozenset(
-    {S.SUCCEEDED, S.FAILED, S.TIMED_OUT, S.EXPIRED, S.CANCELLED, S.ROLLED_BACK, S.SUPERSEDED}
+    {
+        S.SUCCEEDED,
+        S.FAILED,
+        S.TIMED_OUT,
+        S.EXPIRED,
+        S.CANCELLED,
+        S.ROLLED_BACK,
+        S.SUPERSEDED,
+        S.REVOKED,
+    }
 )
 #: No event moves these at all.
-CLOSED = frozenset({S.FAILED, S.ROLLED_BACK, S.SUPERSEDED})
+CLOSED = frozenset({S.FAILED, S.ROLLED_BACK, S.SUPERSEDED, S.REVOKED})
 
 # The gate's view. Together with WAITING and SUCCEEDED these partition the states.
 #: Started and not settled; a ``pending`` device counts only while it is online.
@@ -176,7 +205,9 @@ FAILURES = frozenset({S.FAILED, S.TIMED_OUT})
 #: Left out of a wave's denominator (as is a ``pending`` device that is offline). The
 #: rollback states only exist after an abort, when no gate is evaluated; they are here so
 #: that the gate is total.
-NOT_ELIGIBLE = frozenset({S.EXPIRED, S.SUPERSEDED, S.CANCELLED, S.ROLLING_BACK, S.ROLLED_BACK})
+NOT_ELIGIBLE = frozenset(
+    {S.EXPIRED, S.SUPERSEDED, S.CANCELLED, S.ROLLING_BACK, S.ROLLED_BACK, S.REVOKED}
+)
 
 #: The device holds this rollout's desired state (retained): an abort must publish a newer one
 #: naming the model the device ran before, and a superseding rollout replaces it.

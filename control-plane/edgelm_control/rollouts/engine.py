@@ -1,4 +1,4 @@
-"""The rollout engine's operator side: create, pause, resume, abort, and late joiners.
+"""The rollout engine's operator side: create, pause, resume, abort, late joiners, revocation.
 
 Each call is one store transaction built from the pure core (selection, wave planning,
 transition tables) and :class:`~.actions.RolloutActions`; desired states it issues are
@@ -8,7 +8,8 @@ which moves rollouts on its own, is :class:`~.driver.RolloutDriver`.
 Creation, in one transaction:
 
 1. resolve ``name@version`` to its TUF target (the model index);
-2. select the devices the store knows (:func:`~.selection.select_devices`) and plan the
+2. select the devices the store knows, revoked ones excepted
+   (:func:`~.selection.select_devices`), and plan the
    waves (:func:`~.waves.plan_waves`), recording each device's current model as the one an
    abort brings back, with its target if the repository has it;
 3. compute the health gate's baselines from earlier ``activated`` events;
@@ -19,7 +20,11 @@ Creation, in one transaction:
 Late joiners: a device seen for the first time, or whose class or labels changed, joins the
 newest rollout that accepts late joiners and whose selector matches it, unless it already is
 in that rollout or in a newer one. It joins the last wave as ``waiting``, and starts at once
-if that wave has started (a completed rollout's has).
+if that wave has started (a completed rollout's has). A revoked device joins nothing.
+
+Revocation: a revoked device leaves every rollout it is in, by the ``revoke`` row event
+(``revoked``, which the gates leave out like ``superseded``), in the revocation's transaction
+(:mod:`edgelm_control.revocation`).
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from __future__ import annotations
 import uuid
 
 import structlog
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from edgelm_control.clock import Clock
 from edgelm_control.errors import Conflict, NotFound
@@ -47,9 +53,10 @@ from edgelm_control.rollouts.rollout_states import (
 from edgelm_control.rollouts.selection import select_devices, selector_from_json
 from edgelm_control.rollouts.waves import plan_waves
 from edgelm_control.store import Store
-from edgelm_control.store.devices import DeviceRecord, all_devices, get_device
+from edgelm_control.store.devices import DeviceRecord, get_device, targetable_devices
 from edgelm_control.store.events import health_samples
 from edgelm_control.store.models import ModelRecord, get_model, get_models
+from edgelm_control.store.revocations import get_revocation
 from edgelm_control.store.rollouts import (
     RolloutRecord,
     RowRecord,
@@ -89,6 +96,19 @@ class RolloutEngine:
         changes.publish(self._hub)
         await self._actions.director.publish_pending()
 
+    async def published(self, changes: Changes) -> None:
+        """After a caller's commit: tell the SSE hub, publish the desired states it left."""
+        await self._published(changes)
+
+    # --- revocation --------------------------------------------------------------------------
+
+    async def revoke_device(
+        self, conn: AsyncConnection, device_id: str, *, reason: str, changes: Changes
+    ) -> list[str]:
+        """In the caller's transaction, take a revoked device out of its rollouts; return
+        their ids. Call :meth:`published` after the commit."""
+        return await self._actions.revoke_rows(conn, device_id, reason, changes)
+
     # --- creation ----------------------------------------------------------------------------
 
     async def create(self, request: RolloutRequest) -> str:
@@ -102,7 +122,7 @@ class RolloutEngine:
                     f"model {request.model} is not in the fleet's repository; push it first",
                     param="model",
                 )
-            known = {d.device_id: d for d in await all_devices(conn)}
+            known = {d.device_id: d for d in await targetable_devices(conn)}
             chosen = select_devices(request.selector, known.values())
             plan = plan_waves(chosen, request.waves)
             previous = {d: known[d].active_model for d in chosen}
@@ -218,6 +238,8 @@ class RolloutEngine:
         """Let a new or changed device join the rollout it should run; the rollout id."""
         changes = Changes()
         async with self._store.write() as conn:
+            if await get_revocation(conn, device_id, lock=True) is not None:
+                return None  # out of the fleet: no rollout takes it
             device = await get_device(conn, device_id)
             if device is None:
                 return None

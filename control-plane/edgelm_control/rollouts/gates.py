@@ -6,7 +6,8 @@ hardware class (the baselines); and the rollout's settings. The rules, in the or
 :func:`evaluate_wave` applies them:
 
 1. ``eligible`` is the wave's devices minus those ``pending`` and offline, ``expired``,
-   ``superseded`` or ``cancelled`` (and the rollback states, which exist only after an abort).
+   ``superseded``, ``cancelled`` or ``revoked`` (and the rollback states, which exist only
+   after an abort).
    An offline device never blocks a wave; it updates when it comes back.
 2. ``failures`` (``failed`` + ``timed_out``) over ``eligible`` above ``failure_threshold``
    fails the wave at once, without waiting for the devices still at work.
@@ -192,7 +193,8 @@ def evaluate_wave(
             Verdict.PASSED,
             GateCode.NO_ELIGIBLE_DEVICE,
             f"none of the {tally.devices} devices is eligible "
-            f"({tally.pending_offline} pending offline, the rest expired, superseded or cancelled)",
+            f"({tally.pending_offline} pending offline, "
+            "the rest expired, superseded, cancelled or revoked)",
         )
     share = tally.succeeded / tally.eligible
     if share < settings.success_threshold:

@@ -180,3 +180,44 @@ async def mark_current_unpublished(
             .values(published_sequence=0)
         )
     return ids
+
+
+async def clear_desired(conn: AsyncConnection, device_id: str, *, now_ms: int) -> bool:
+    """Withdraw the device's desired state (a revoked device must not keep one anyone reads).
+
+    The row takes the next sequence with no document, so :func:`unpublished` returns it and
+    the director publishes an empty retained message, which deletes the broker's copy. Nothing
+    re-signs or republishes it after that: it has no expiry and no document. True if the
+    device had a desired state to withdraw."""
+    result = await conn.execute(
+        update(desired_states)
+        .where(desired_states.c.device_id == device_id)
+        .where(desired_states.c.document.is_not(None))
+        .values(
+            sequence=desired_states.c.sequence + 1,
+            rollout_id=None,
+            model=None,
+            target_path=None,
+            target_length=None,
+            target_sha256=None,
+            issued_at_s=None,
+            expires_s=None,
+            document=None,
+            updated_ms=now_ms,
+        )
+    )
+    return bool(result.rowcount == 1)
+
+
+async def signed_after(
+    conn: AsyncConnection, *, after_device_id: str | None, limit: int
+) -> list[DesiredRecord]:
+    """Up to ``limit`` current desired states with a signed document and an expiry, by device
+    id after ``after_device_id`` (pass the last one's id for the next batch): what the
+    director re-signs when the fleet's root names a new director key."""
+    table = desired_states
+    query = select(table).where(table.c.document.is_not(None)).where(table.c.expires_s.is_not(None))
+    if after_device_id is not None:
+        query = query.where(table.c.device_id > after_device_id)
+    rows = await conn.execute(query.order_by(table.c.device_id).limit(limit))
+    return [_record(row) for row in rows]

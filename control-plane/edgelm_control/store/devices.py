@@ -18,7 +18,8 @@ from typing import Any
 from sqlalchemy import bindparam, func, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from edgelm_control.store.schema import devices
+from edgelm_control.store.revocations import lock_revocations
+from edgelm_control.store.schema import device_revocations, devices
 from edgelm_control.store.sql import chunks, dumps, insert_for, labels_of, loads_object
 from edgelm_protocol import PresenceStatus, ReportedState
 
@@ -295,6 +296,19 @@ async def get_devices(conn: AsyncConnection, device_ids: Iterable[str]) -> dict[
 async def all_devices(conn: AsyncConnection) -> list[DeviceRecord]:
     result = await conn.execute(select(devices).order_by(devices.c.id))
     return [_record(row) for row in result]
+
+
+async def targetable_devices(conn: AsyncConnection) -> list[DeviceRecord]:
+    """Every device a new rollout or remote job may select: all but the revoked ones.
+
+    It first orders the caller's transaction against revocations
+    (:func:`~edgelm_control.store.revocations.lock_revocations`), so a device revoked while
+    the caller selects is either left out here or, once the caller commits, taken out of what
+    it was given by the revocation."""
+    await lock_revocations(conn, writer=False)
+    revoked = select(device_revocations.c.device_id)
+    query = select(devices).where(devices.c.id.not_in(revoked)).order_by(devices.c.id)
+    return [_record(row) for row in await conn.execute(query)]
 
 
 async def list_devices(

@@ -1,5 +1,10 @@
 """Storing one ingest batch, in the caller's transaction: devices first, then the rest.
 
+Revocations come before everything: the batch's revoked devices are looked up after the
+revocation lock (:mod:`.revocations`), in this transaction, and their rows dropped, so a
+revocation that commits while the batch waits is seen, and nothing a revoked device sent is
+stored or acted upon (the caller refuses those messages with ``device_revoked``).
+
 Devices come first so that every row below names a device that exists. Events and results
 are inserted with ``ON CONFLICT DO NOTHING ... RETURNING``: what comes back is what is new,
 so a redelivered message is stored once and applied once, and is acknowledged every time.
@@ -16,6 +21,7 @@ from edgelm_control.jobs.states import JobDeviceState
 from edgelm_control.store.devices import DeviceChange, apply_reports
 from edgelm_control.store.events import insert_events
 from edgelm_control.store.jobs import finish, insert_results
+from edgelm_control.store.revocations import revoked_among
 from edgelm_control.store.telemetry import insert_telemetry
 
 
@@ -25,9 +31,13 @@ class WriteOutcome:
     new_results: frozenset[str] = frozenset()
     device_changes: tuple[DeviceChange, ...] = ()
     finished_jobs: frozenset[str] = field(default_factory=frozenset)
+    #: Devices of the batch that are revoked: nothing of theirs was stored.
+    revoked: frozenset[str] = frozenset()
 
 
 async def write_batch(conn: AsyncConnection, batch: IngestBatch, now_ms: int) -> WriteOutcome:
+    revoked = await revoked_among(conn, batch.devices, lock=True)
+    batch = batch.without(revoked)
     changes = await apply_reports(conn, batch.reports, now_ms)
     await insert_telemetry(conn, batch.telemetry)
     new_events = await insert_events(conn, batch.events)
@@ -51,4 +61,5 @@ async def write_batch(conn: AsyncConnection, batch: IngestBatch, now_ms: int) ->
         new_results=frozenset(new_results),
         device_changes=tuple(c for c in changes if c.any),
         finished_jobs=frozenset(finished),
+        revoked=revoked,
     )

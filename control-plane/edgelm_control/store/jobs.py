@@ -14,7 +14,7 @@ from typing import Any
 from sqlalchemy import and_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from edgelm_control.jobs.states import OPEN, JobDeviceState
+from edgelm_control.jobs.states import CANCELLABLE, OPEN, JobDeviceState
 from edgelm_control.store.schema import job_devices, job_results, jobs
 from edgelm_control.store.sql import dumps, insert_for, loads
 
@@ -212,3 +212,15 @@ async def results_of(
         return {}
     query = select(job_results).where(job_results.c.message_id.in_(sorted(set(message_ids))))
     return {row.message_id: _result(row) for row in await conn.execute(query)}
+
+
+async def cancel_device_jobs(conn: AsyncConnection, device_id: str, *, now_ms: int) -> list[str]:
+    """Cancel the device's rows that have no result yet (it was revoked); return their job ids."""
+    result = await conn.execute(
+        update(job_devices)
+        .where(job_devices.c.device_id == device_id)
+        .where(job_devices.c.state.in_(sorted(str(s) for s in CANCELLABLE)))
+        .values(state=str(JobDeviceState.CANCELLED), finished_ms=now_ms)
+        .returning(job_devices.c.job_id)
+    )
+    return sorted(str(row[0]) for row in result)

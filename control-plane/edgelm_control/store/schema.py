@@ -268,6 +268,15 @@ job_results = Table(
     Index(None, "job_message_id"),
 )
 
+device_revocations = Table(
+    "device_revocations",
+    metadata,
+    # One row per revoked device, for good: a revoked id never comes back (see .revocations).
+    Column("device_id", String(ID), primary_key=True),
+    Column("revoked_ms", BigInteger, nullable=False),  # the first revocation; repeats keep it
+    Column("reason", Text),  # the operator's words, as given; None: none given
+)
+
 operator_tokens = Table(
     "operator_tokens",
     metadata,

@@ -111,9 +111,11 @@ async def aggregate_telemetry(
     group_by: Sequence[str],
     since_ms: int,
     until_ms: int | None,
+    device_id: str | None = None,
     max_rows: int = AGGREGATE_MAX_ROWS,
 ) -> tuple[list[Aggregate], bool]:
-    """Aggregates per group over the window; True as the second value if rows were cut."""
+    """Aggregates per group over the window (of one device's rows, when ``device_id`` is
+    given); True as the second value if rows were cut."""
     query = (
         select(
             telemetry.c.model,
@@ -131,6 +133,8 @@ async def aggregate_telemetry(
     )
     if until_ms is not None:
         query = query.where(telemetry.c.received_ms < until_ms)
+    if device_id is not None:
+        query = query.where(telemetry.c.device_id == device_id)
     rows = list(await conn.execute(query))
     truncated = len(rows) > max_rows
     groups: dict[tuple[str | None, ...], list[Any]] = {}

@@ -12,7 +12,9 @@ from edgelm_protocol.repository.writer import (
     ROLES,
     RepositoryWriter,
     generate_key,
+    listed_signers,
     load_key,
+    load_role_keys,
 )
 
 __all__ = [
@@ -21,6 +23,8 @@ __all__ = [
     "RepositoryWriter",
     "fsync_dir",
     "generate_key",
+    "listed_signers",
     "load_key",
+    "load_role_keys",
     "write_atomic",
 ]

@@ -4,7 +4,7 @@ A standalone device keeps such a repository with device-local keys, so a model i
 takes exactly the same verification path as one published by a fleet. Tests use it to build the
 remote repositories they attack. Layout (consistent snapshots, as TUF recommends for mirrors)::
 
-    metadata/1.root.json  metadata/timestamp.json
+    metadata/N.root.json  metadata/timestamp.json            1.root.json, then one per rotation
     metadata/N.snapshot.json  metadata/N.targets.json
     targets/models/NAME/VERSION/<sha256>.<file>          a GGUF model, or an ONNX bundle.json
     targets/models/NAME/VERSION/files/<sha256>           the members of an ONNX bundle
@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import datetime
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -70,12 +70,19 @@ class RepositoryWriter:
     """Holds the repository's signed metadata in memory and writes each change atomically."""
 
     def __init__(
-        self, root_dir: Path, signers: dict[str, list[Signer]], metadata: dict[str, Metadata[Any]]
+        self,
+        root_dir: Path,
+        signers: dict[str, list[Signer]],
+        metadata: dict[str, Metadata[Any]],
+        *,
+        held: dict[str, list[Signer]] | None = None,
     ) -> None:
         self.root_dir = root_dir
         self.metadata_dir = root_dir / "metadata"
         self.targets_dir = root_dir / "targets"
         self.signers = signers
+        #: Every key at hand, listed by root or not: a new root may list one of them.
+        self.held = held if held is not None else signers
         self.md = metadata
         self.expiry = dict(DEFAULT_EXPIRY)
 
@@ -136,21 +143,17 @@ class RepositoryWriter:
         )
         targets_version = snapshot.signed.meta["targets.json"].version
         targets = Metadata[Targets].from_file(str(metadata_dir / f"{targets_version}.targets.json"))
-        signers: dict[str, list[Signer]] = {role: [] for role in ROLES}
-        for pem in sorted(keys_dir.glob("*.pem")):
-            # Only <role>-N.pem are TUF keys; a fleet's control/keys also holds director.pem.
-            role, sep, index = pem.stem.rpartition("-")
-            if sep and role in signers and index.isdigit():
-                signers[role].append(load_key(pem))
+        held = load_role_keys(keys_dir)
         return cls(
             root_dir,
-            signers,
+            listed_signers(root.signed, held),
             {
                 Root.type: root,
                 Targets.type: targets,
                 Snapshot.type: snapshot,
                 Timestamp.type: timestamp,
             },
+            held=held,
         )
 
     def root_bytes(self) -> bytes:
@@ -208,10 +211,17 @@ class RepositoryWriter:
                 continue
             self._bump(role)
             self._write_role(role)
+        self._publish_snapshot_and_timestamp()
+
+    def _publish_snapshot_and_timestamp(
+        self, before_timestamp: Callable[[], None] | None = None
+    ) -> None:
         snapshot = self.md[Snapshot.type].signed
         snapshot.meta["targets.json"] = MetaFile(version=self.md[Targets.type].signed.version)
         self._bump(Snapshot.type)
         self._write_role(Snapshot.type)
+        if before_timestamp is not None:
+            before_timestamp()
         self._bump(Timestamp.type)
         self.md[Timestamp.type].signed.snapshot_meta = MetaFile(version=snapshot.version)
         self._write_role(Timestamp.type)
@@ -226,6 +236,25 @@ class RepositoryWriter:
         self.md[Targets.type] = targets
         self.write_signed(Targets.type)
         self.publish(roles=())
+
+    def accept_root(self, root: Metadata[Root], targets: Metadata[Targets] | None = None) -> None:
+        """Publish root metadata signed elsewhere (by the offline root keys, old and new), as
+        it is, with ``targets`` re-signed elsewhere if the targets key rotated; then re-sign
+        snapshot and timestamp with the online keys the new root lists.
+
+        The caller has verified ``root`` against the current root (version + 1, both
+        thresholds) and holds those online keys (see ``edgelm_control.repository.rotation``).
+        Files are written so that nothing refers to a new one before it is there: targets,
+        snapshot, root, and the timestamp (the commit point) last. A client that walks to the
+        new root in the moment before the timestamp is written may find the old targets
+        unverifiable for that one refresh; the next one is consistent.
+        """
+        self.md[Root.type] = root
+        self.signers = listed_signers(root.signed, self.held)
+        if targets is not None:
+            self.md[Targets.type] = targets
+            self.write_signed(Targets.type)
+        self._publish_snapshot_and_timestamp(before_timestamp=lambda: self.write_signed(Root.type))
 
     def refresh_timestamp(self) -> None:
         """Re-sign the timestamp (a new version, a new expiry) over the same snapshot."""
@@ -257,6 +286,30 @@ class RepositoryWriter:
             write_atomic(self.metadata_dir / "timestamp.json", data)
         else:
             write_atomic(self.metadata_dir / f"{version}.{role}.json", data)
+
+
+def load_role_keys(keys_dir: Path) -> dict[str, list[Signer]]:
+    """Every TUF key in ``keys_dir``, by role: the files named ``<role>-N.pem``.
+
+    A fleet's ``control/keys`` also holds ``director.pem`` and ``director-N.pem``, which are
+    not TUF keys; and after a rotation it may hold keys root no longer lists (kept until the
+    operator removes them): :func:`listed_signers` leaves those out.
+    """
+    signers: dict[str, list[Signer]] = {role: [] for role in ROLES}
+    for pem in sorted(keys_dir.glob("*.pem")):
+        role, sep, index = pem.stem.rpartition("-")
+        if sep and role in signers and index.isdigit():
+            signers[role].append(load_key(pem))
+    return signers
+
+
+def listed_signers(root: Root, held: dict[str, list[Signer]]) -> dict[str, list[Signer]]:
+    """Of the ``held`` keys, those ``root`` lists for each role: a signature by a key root
+    does not list would only be dead weight in every client's download."""
+    return {
+        role: [s for s in held.get(role, []) if s.public_key.keyid in root.roles[role].keyids]
+        for role in ROLES
+    }
 
 
 def _latest(metadata_dir: Path, role: str) -> Path:

@@ -18,7 +18,7 @@ from typing import Any
 
 from tests.integration.control.fleet import Fleet
 
-READY = re.compile(rb"edgelm control ready: http=(http://[^ ]+)")
+READY = re.compile(rb"edgelm control ready: http=(https?://[^ ]+)")
 
 
 def write_config(fleet: Fleet, broker_port: int, **overrides: Any) -> Path:

@@ -112,6 +112,10 @@ class TestErrors:
             ("GET", "/api/v1/jobs/job-none", None, 404, "id"),
             ("GET", "/api/v1/telemetry?group_by=colour", None, 400, "group_by"),
             ("GET", "/api/v1/telemetry?since=yesterday", None, 400, "since"),
+            # With group_by, a bad device, limit or cursor was ignored (and a good device too).
+            ("GET", "/api/v1/telemetry?group_by=model&device=a%2Fb", None, 400, "device"),
+            ("GET", "/api/v1/telemetry?group_by=model&limit=0", None, 400, "limit"),
+            ("GET", "/api/v1/telemetry?group_by=model&cursor=!!", None, 400, "cursor"),
         ]  # fmt: skip
         for method, path, body, expected, param in cases:
             data = None if body is None else json.dumps(body).encode()

@@ -416,6 +416,18 @@ class TestTelemetry:
         assert by_model["m@1"].errors == 5
         assert not truncated
 
+    async def test_aggregates_of_one_device(self, store: Store):
+        """With a device, the aggregates are of its rows only (the API ignored the filter)."""
+        async with store.write() as conn:
+            await insert_telemetry(
+                conn, [telemetry_row("d1", 1000), telemetry_row("d2", 1000, model="other@2")]
+            )
+        async with store.read() as conn:
+            aggregates, _ = await aggregate_telemetry(
+                conn, group_by=["model"], since_ms=0, until_ms=None, device_id="d2"
+            )
+        assert [(a.group, a.count) for a in aggregates] == [({"model": "other@2"}, 1)]
+
     async def test_retention_deletes_old_rows_only(self, store: Store):
         """Pruning removes rows received before the cut and keeps the rest."""
         async with store.write() as conn:

@@ -86,7 +86,9 @@ def director(store: Store, broker: FakeBroker) -> Director:
 async def issue(director: Director, store: Store, device_id: str, target: TargetRef | None) -> int:
     async with store.write() as conn:
         model = None if target is None else "m@1"
-        return await director.issue(conn, device_id, Assignment(model, target, "ro-1"), floor=0)
+        sequence = await director.issue(conn, device_id, Assignment(model, target, "ro-1"), floor=0)
+    assert sequence is not None  # None only for a revoked device
+    return sequence
 
 
 async def legacy_clear(store: Store, device_id: str) -> None:

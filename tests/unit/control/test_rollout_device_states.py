@@ -71,29 +71,40 @@ EXPECTED: dict[tuple[str, str], str] = {
     ("rolling_back", "rolled_back"): "rolled_back",
     ("rolling_back", "activated"): "rolling_back",
     ("rolling_back", "supersede"): "superseded",
-}
+    # A revoked device leaves its rollout from every state that is not closed.
+    **{
+        (state, "revoke"): "revoked"
+        for state in (
+            "waiting", "pending", "downloading", "activating", "succeeded", "timed_out",
+            "expired", "cancelled", "rolling_back",
+        )
+    },
+}  # fmt: skip
 STATES = {
     "waiting", "pending", "downloading", "activating", "succeeded", "failed", "timed_out",
-    "expired", "cancelled", "rolling_back", "rolled_back", "superseded",
+    "expired", "cancelled", "rolling_back", "rolled_back", "superseded", "revoked",
 }  # fmt: skip
 EVENTS = {
     "wave_started", "download_started", "installed", "activated", "install_failed",
     "activation_failed", "device_timeout", "pending_expired", "abort", "supersede",
-    "rolled_back",
+    "rolled_back", "revoke",
 }  # fmt: skip
 SETTLED = {
     "succeeded", "failed", "timed_out", "expired", "cancelled", "rolled_back", "superseded",
+    "revoked",
 }  # fmt: skip
-ABSORBING = {"failed", "rolled_back", "superseded"}
+ABSORBING = {"failed", "rolled_back", "superseded", "revoked"}
 # The only ways out of a settled state docs/fleet.md allows: an abort or a newer rollout after
 # success; late reports reviving a timed-out or expired device; a device that switched before
-# it heard the abort.
+# it heard the abort; the device's revocation.
 SPEC_EXITS: set[tuple[str, str]] = {
     ("succeeded", "abort"),
     ("succeeded", "supersede"),
-    *(("timed_out", e) for e in [*LATE_REPORTS, "abort", "supersede"]),
-    *(("expired", e) for e in [*LATE_REPORTS, "abort", "supersede"]),
+    ("succeeded", "revoke"),
+    *(("timed_out", e) for e in [*LATE_REPORTS, "abort", "supersede", "revoke"]),
+    *(("expired", e) for e in [*LATE_REPORTS, "abort", "supersede", "revoke"]),
     ("cancelled", "activated"),
+    ("cancelled", "revoke"),
 }
 ILLEGAL = [
     (s, e) for s, e in itertools.product(sorted(STATES), sorted(EVENTS)) if (s, e) not in EXPECTED
@@ -164,7 +175,7 @@ class TestDeviceStateSets:
         assert set().union(*groups) == set(DeviceState)
         assert {s.value for s in IN_PROGRESS} == {"pending", "downloading", "activating"}
         assert {s.value for s in FAILURES} == {"failed", "timed_out"}
-        assert {"expired", "superseded", "cancelled"} <= {s.value for s in NOT_ELIGIBLE}
+        assert {"expired", "superseded", "cancelled", "revoked"} <= {s.value for s in NOT_ELIGIBLE}
 
     def test_holds_desired_state_is_every_state_issued_and_open(self) -> None:
         """A row holds the rollout's desired state once its wave started and until it closes."""

@@ -37,7 +37,7 @@ def mode(path: Path) -> int:
 
 def make_fleet(root: Path, broker_url: str = "mqtts://broker.example:8883") -> FleetDir:
     init_fleet(
-        root, fleet="acme", control_url="http://cp.example:8480", broker_url=broker_url, now=NOW
+        root, fleet="acme", control_url="https://cp.example:8443", broker_url=broker_url, now=NOW
     )
     return FleetDir.open(root)
 
@@ -182,7 +182,7 @@ class TestDeviceCertificates:
             issue(fleet, device, tmp_path / "x.json")
         assert not (tmp_path / "x.json").exists()
         issued = [i["kind"] for i in FleetCa.load(fleet.paths.root).register()]
-        assert issued == ["server", "control"]  # fleet-init's two, no device's
+        assert issued == ["server", "server", "control"]  # fleet-init's three, no device's
 
     def test_the_ca_key_is_never_in_a_bundle(self, fleet, tmp_path):
         """The bundle holds the CA certificate, the device's key and certificate, nothing of

@@ -52,6 +52,8 @@ LAYOUT = {
     "control/tls/ca.pem",
     "control/tls/client.pem",
     "control/tls/client-key.pem",
+    "control/tls/server.pem",
+    "control/tls/server-key.pem",
 }
 
 
