@@ -61,10 +61,9 @@ PRESET_FIELDS = ("description", "system", "response_format", "tools", "tool_choi
 SEED_RANGE = (-(2**63), 2**64 - 1)
 TOP_K_MAX = 2**31 - 1
 
-#: JSON Schema keywords the agent enforces while generating, and those that only annotate.
-#: The agent's grammar builder (``edgelm_agent.generation.json_schema_grammar``) owns these
-#: lists; they are restated here, where provisioning and the control plane can read them, and a
-#: unit test keeps the two equal.
+#: JSON Schema keywords the agent enforces while generating, and those that only annotate. The
+#: agent's grammar builder (``edgelm_agent.generation.json_schema_grammar``) enforces exactly
+#: these; they live here so provisioning and the control plane refuse a preset before signing.
 SCHEMA_KEYWORDS = frozenset(
     {
         "type",

@@ -13,7 +13,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from edgelm_agent.errors import InvalidRequest
-from edgelm_agent.generation.json_schema_grammar import ANNOTATIONS, KEYWORDS
+from edgelm_agent.generation.json_schema_grammar import UnsupportedSchema, schema_gbnf
 from edgelm_agent.generation.openai_schema import parse_chat
 from edgelm_agent.generation.prepare import prepare
 from edgelm_agent.generation.presets import PresetNotFound, apply_preset, preset_name
@@ -256,10 +256,15 @@ def custom(presets: dict[str, Any]) -> dict[str, Any]:
 
 
 class TestCheckedBeforeInstall:
-    def test_the_keyword_lists_are_the_grammar_builders(self) -> None:
+    @pytest.mark.parametrize("keyword", ["pattern", "format", "patternProperties", "not"])
+    def test_a_keyword_the_protocol_does_not_list_the_grammar_builder_refuses(
+        self, keyword: str
+    ) -> None:
         """What provisioning and the control plane refuse is what the agent cannot enforce."""
-        assert SCHEMA_KEYWORDS == KEYWORDS
-        assert SCHEMA_ANNOTATIONS == ANNOTATIONS
+        assert keyword not in SCHEMA_KEYWORDS | SCHEMA_ANNOTATIONS
+        schema = {"type": "object", "properties": {"a": {"type": "string", keyword: "x"}}}
+        with pytest.raises(UnsupportedSchema, match=keyword):
+            schema_gbnf(schema)
 
     def test_a_schema_the_api_would_refuse_is_refused_at_install(self) -> None:
         """Bounds on a number pass the keyword check, but the grammar cannot hold them: the

@@ -23,46 +23,13 @@ from typing import Any
 from edgelm_agent.errors import InvalidRequest
 from edgelm_agent.generation.gbnf import RuleSet, literal
 from edgelm_agent.generation.gbnf_check import MAX_REPEAT, grammar_problem
+from edgelm_protocol.presets import SCHEMA_ANNOTATIONS, SCHEMA_KEYWORDS
 
-#: The keywords whose meaning the grammar enforces.
-KEYWORDS = frozenset(
-    {
-        "type",
-        "properties",
-        "required",
-        "additionalProperties",
-        "items",
-        "minItems",
-        "maxItems",
-        "enum",
-        "const",
-        "anyOf",
-        "$ref",
-        "minLength",
-        "maxLength",
-        "minimum",
-        "maximum",
-        "exclusiveMinimum",
-        "exclusiveMaximum",
-    }
-)
-#: Keywords that say nothing about which documents are valid.
-ANNOTATIONS = frozenset(
-    {
-        "title",
-        "description",
-        "default",
-        "examples",
-        "$schema",
-        "$id",
-        "$comment",
-        "deprecated",
-        "readOnly",
-        "writeOnly",
-        "$defs",
-        "definitions",
-    }
-)
+#: The keywords whose meaning the grammar enforces, and those that only annotate: part of the
+#: signed-preset contract, so the protocol package holds them for provisioning and the control
+#: plane to check presets against before signing.
+KEYWORDS = SCHEMA_KEYWORDS
+ANNOTATIONS = SCHEMA_ANNOTATIONS
 TYPES = ("object", "array", "string", "integer", "number", "boolean", "null")
 MAX_DEPTH = 64  # nesting of subschemas; deeper is an attack on the stack, not a document
 #: Nesting of any value in a schema, annotations ("default", "examples") included: deeper
