@@ -567,6 +567,11 @@ class SyncService:
 
     async def _start_desired(self, state: DesiredState) -> None:
         current = self._desired
+        if current is not None and current.running and current.state == state:
+            # The state being acted on, delivered again (the retained copy after a reconnect
+            # under load): the run goes on; restarting it would download again.
+            log.info("desired_state_already_running", sequence=state.sequence)
+            return
         if current is not None and current.running and _renews(current.state, state):
             # The director renewed the state before it expired: same target, same rollout,
             # a new sequence. The run goes on (a download is not started again) and counts
